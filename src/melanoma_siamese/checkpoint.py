@@ -1,0 +1,83 @@
+"""Plain-dict checkpoints: written atomically, read with weights_only=True, rebuildable from the file alone."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import Classifier, Encoder
+
+FORMAT = 1
+PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Temporary file in the same folder, flushed to disk, then renamed over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys saved from DDP (`module.`) or torch.compile (`_orig_mod.`) wrappers."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): {exc}") from exc
+    if not isinstance(data, dict) or "state_dict" not in data or "kind" not in data:
+        raise CheckpointError(f"checkpoint {path} is not a melanoma-siamese checkpoint (no 'kind'/'state_dict')")
+    return data
+
+
+def save_model(model: Encoder | Classifier, path: Path, **extra: Any) -> None:
+    kind = "siamese" if isinstance(model, Encoder) else "classifier"
+    atomic_save({"format": FORMAT, "kind": kind, "args": dict(model.args),
+                 "state_dict": model.state_dict(), **extra}, path)
+
+
+def load_model(path: Path, kind: str) -> tuple[Encoder | Classifier, dict]:
+    data = load_checkpoint(path)
+    if data["kind"] != kind:
+        raise CheckpointError(f"checkpoint {path} holds a {data['kind']} model, expected a {kind} model")
+    args = dict(data["args"])
+    if kind == "siamese":
+        model = Encoder(pretrained="none", **args)
+    else:
+        model = Classifier(args["embedding_dim"], args["dropout"], tuple(args.get("hidden", (256, 64))))
+    try:
+        model.load_state_dict(strip_prefixes(data["state_dict"]))
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit the {kind} model it describes: {exc}") from exc
+    model.eval()
+    return model, data

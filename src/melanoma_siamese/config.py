@@ -1,0 +1,271 @@
+"""Configuration: frozen dataclasses loaded from YAML, with `section.key=value` overrides.
+
+A recipe (configs/*.yaml) says *what* is trained; `--set` says where and how big. The resolved
+configuration is written into every run folder so a result can be re-run from it alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message says what is valid."""
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotation_degrees: float = 30.0
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.02
+    hflip: bool = True
+    vflip: bool = True
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    image_size: int = 256
+    # The reference normalises with mean = std = 0.5 per channel.
+    mean: float = 0.5
+    std: float = 0.5
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    # Per-class size of the class-balanced test subsample (the reference used 136 + 136);
+    # capped by the rarer class in the test part.
+    balanced_test_per_class: int = 136
+    # Subsample melanoma in the training part only, to simulate a rarer prevalence (None = keep all).
+    train_melanoma_fraction: Optional[float] = None
+    skip_bad_images: bool = False
+    # Seed of the split alone (None = runtime.seed); compare fixes it so every recipe and seed share one split.
+    split_seed: Optional[int] = None
+    cache_dir: Optional[str] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "resnet50"
+    # "imagenet" (torchvision weights API), "none" (random init), or a path to a state dict file.
+    pretrained: str = "imagenet"
+    embedding_dim: int = 512
+
+
+@dataclass(frozen=True)
+class SiameseConfig:
+    # Loss on the embeddings: triplet | contrastive | multi_similarity | supcon | arcface | none
+    loss: str = "triplet"
+    # "sampled": the reference's anchor/positive/negative triplets, three forward passes each.
+    # Otherwise in-batch mining: all | semihard | hard | batch_hard | multi_similarity | none.
+    mining: str = "sampled"
+    margin: float = 1.0
+    # Weight of a cross-entropy head on the embedding (0 = no head).
+    ce_weight: float = 0.0
+    # Class-weighted cross-entropy for the head (inverse class frequency in the training part).
+    ce_class_weight: bool = True
+    # Balanced batches (half melanoma, half not) for in-batch mining / the reference's 50:50 anchors.
+    balanced: bool = True
+    epochs: int = 100
+    batch_size: int = 32
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    # Learning rate of the pretrained backbone relative to the new layers.
+    backbone_lr_scale: float = 1.0
+    weight_decay: float = 0.0
+    scheduler: str = "none"  # none | cosine (with linear warm-up)
+    warmup_epochs: float = 0.0
+    # Cap on training images passed through the backbone (a sampled triplet costs three); 0 = no cap.
+    budget_images: int = 0
+    # Images per epoch (0 = as many as the training part).
+    epoch_images: int = 0
+    patience: int = 10
+    # val_loss | knn_auc | precision_at_1 | map_at_r
+    monitor: str = "val_loss"
+    # Reference images (from the training part) for validation retrieval metrics; 0 = all.
+    val_reference_max: int = 4000
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    # mlp: the reference's 512->256->64->2 MLP on frozen embeddings; head: the stage-1 CE head.
+    kind: str = "mlp"
+    epochs: int = 80
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    dropout: float = 0.4
+    patience: int = 10
+    # balanced: inverse-frequency class weights in the cross-entropy; none: plain.
+    class_weight: str = "balanced"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    # youden | sensitivity | fixed: how the decision threshold is chosen on the validation part.
+    threshold: str = "youden"
+    target_sensitivity: float = 0.9
+    fixed_threshold: float = 0.5
+    knn_k: int = 16
+    bootstrap: int = 1000
+    tta: bool = False
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "auto"
+    seed: int = 0
+    num_workers: int = 2
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    siamese: SiameseConfig = field(default_factory=SiameseConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+CHOICES = {
+    "siamese.loss": ("triplet", "contrastive", "multi_similarity", "supcon", "arcface", "none"),
+    "siamese.mining": ("sampled", "all", "semihard", "hard", "batch_hard", "multi_similarity", "none"),
+    "siamese.optimizer": ("adam", "adamw"),
+    "siamese.scheduler": ("none", "cosine"),
+    "siamese.monitor": ("val_loss", "knn_auc", "precision_at_1", "map_at_r"),
+    "classifier.kind": ("mlp", "head"),
+    "classifier.class_weight": ("balanced", "none"),
+    "evaluation.threshold": ("youden", "sensitivity", "fixed"),
+    "runtime.device": ("auto", "cpu", "cuda"),
+}
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'configuration'}: expected a mapping, got {values!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown configuration key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys{' of ' + where if where else ''}: {', '.join(prefix + k for k in known)}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        f = known[name]
+        path = f"{where}.{name}" if where else name
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, path)
+        else:
+            kwargs[name] = _coerce(value, default, f.type, path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any, annotation: Any, path: str) -> Any:
+    optional = "Optional" in str(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{path}: a value is required (default {default!r})")
+    target = type(default) if default is not None else None
+    if target is None:
+        text = str(annotation)
+        target = float if "float" in text else int if "int" in text else str
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if target is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if target is str:
+        return str(value)
+    raise ConfigError(f"{path}: expected {target.__name__}, got {value!r}")
+
+
+def _check_choices(config: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    s = config.siamese
+    if s.mining == "sampled" and s.loss != "triplet":
+        raise ConfigError("siamese.mining: 'sampled' triplets need siamese.loss: triplet")
+    if s.loss == "none" and s.ce_weight <= 0:
+        raise ConfigError("siamese.loss: none needs siamese.ce_weight > 0 (a cross-entropy head)")
+    if config.classifier.kind == "head" and s.ce_weight <= 0:
+        raise ConfigError("classifier.kind: head needs siamese.ce_weight > 0 in stage 1")
+    d = config.data
+    if not 0 < d.val_fraction < 1 or not 0 < d.test_fraction < 1 or d.val_fraction + d.test_fraction >= 1:
+        raise ConfigError("data.val_fraction and data.test_fraction must be in (0, 1) and sum below 1")
+    if d.train_melanoma_fraction is not None and not 0 < d.train_melanoma_fraction <= 1:
+        raise ConfigError("data.train_melanoma_fraction must be in (0, 1] or null")
+
+
+def _nested(config_dict: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = config_dict
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. model.backbone=resnet18")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then each `section.key=value` override, validated."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"configuration file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        values = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _nested(values, key, value)
+    try:
+        config = _build(Config, values, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    _check_choices(config)
+    return config
+
+
+def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    values = to_dict(config)
+    for key, value in overrides.items():
+        _nested(values, key, value)
+    result = _build(Config, values, "")
+    _check_choices(result)
+    return result
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,195 @@
+"""Decode images once into a uint8 array file (the cache), and the transforms applied to it.
+
+Decoding is also validation: a file that does not decode is found here, before any model is built.
+The cache is keyed by the image files (name, size, mtime) and the resolution, and rebuilt when either
+changes; later runs memory-map it instead of decoding again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torchvision.transforms import v2
+
+from ..config import AugmentConfig
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass
+class ImageCache:
+    array: np.ndarray  # N x S x S x 3 uint8 (memory-mapped)
+    failures: dict[int, str]  # row -> reason
+    conversions: dict[str, int]  # e.g. {"mode L": 3, "resized": 10}
+    path: Optional[Path]
+
+
+def decode_image(path: str | Path, size: int) -> tuple[np.ndarray, list[str]]:
+    """RGB uint8 array of size x size, and the conversions it needed. Raises on unreadable files."""
+    notes: list[str] = []
+    with Image.open(path) as image:
+        if image.format == "JPEG":
+            # Decode large JPEGs at a reduced scale: full-resolution ISIC images are ~6000x4000.
+            image.draft("RGB", (size, size))
+        image.load()
+        if image.mode != "RGB":
+            notes.append(f"mode {image.mode}")
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                background = Image.new("RGB", rgba.size, (255, 255, 255))
+                background.paste(rgba, mask=rgba.split()[-1])
+                image = background
+            else:
+                image = image.convert("RGB")
+        if image.size != (size, size):
+            notes.append("resized")
+            image = image.resize((size, size), Image.BILINEAR)
+        return np.asarray(image, dtype=np.uint8), notes
+
+
+def _cache_key(paths: Sequence[str], size: int) -> str:
+    digest = hashlib.sha1(f"v1|{size}".encode())
+    for p in paths:
+        try:
+            stat = os.stat(p)
+            digest.update(f"|{p}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        except OSError:
+            digest.update(f"|{p}|absent".encode())
+    return digest.hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MELANOMA_SIAMESE_CACHE", Path.home() / ".cache" / "melanoma-siamese"))
+
+
+def build_cache(
+    paths: Sequence[str],
+    size: int,
+    cache_dir: Optional[Path] = None,
+    workers: int = 4,
+    progress: bool = False,
+) -> ImageCache:
+    """Decode every path (in parallel) into an N x size x size x 3 uint8 array file, or reuse it."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = _cache_key(paths, size)
+    array_path, info_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    if array_path.is_file() and info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("count") == len(paths):
+            array = np.load(array_path, mmap_mode="r")
+            return ImageCache(array, {int(k): v for k, v in info["failures"].items()}, info["conversions"], array_path)
+    tmp_path = cache_dir / f"{key}.{os.getpid()}.tmp.npy"
+    array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+    failures: dict[int, str] = {}
+    conversions: Counter = Counter()
+
+    def work(i: int):
+        if not paths[i]:
+            return i, None, ["file absent"], True
+        try:
+            pixels, notes = decode_image(paths[i], size)
+            return i, pixels, notes, False
+        except Exception as exc:  # PIL raises many types for bad files
+            return i, None, [f"does not decode as an image ({type(exc).__name__}: {exc})"], True
+
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(work, range(len(paths)))
+        for i, pixels, notes, failed in tqdm(results, total=len(paths), desc="Decoding images", disable=not progress,
+                                             leave=False):
+            if failed:
+                failures[i] = notes[0]
+            else:
+                array[i] = pixels
+                conversions.update(notes)
+    array.flush()
+    del array
+    os.replace(tmp_path, array_path)
+    info_tmp = info_path.with_suffix(".json.tmp")
+    info_tmp.write_text(json.dumps({"count": len(paths), "size": size, "failures": failures,
+                                    "conversions": dict(conversions)}))
+    os.replace(info_tmp, info_path)
+    return ImageCache(np.load(array_path, mmap_mode="r"), failures, dict(conversions), array_path)
+
+
+def train_transform(size: int, mean: float, std: float, augment: AugmentConfig) -> v2.Compose:
+    """Per-sample augmentation of a uint8 C x H x W tensor, as the reference (rotation, jitter, flips)."""
+    steps: list = []
+    if augment.rotation_degrees > 0:
+        steps.append(v2.RandomRotation(augment.rotation_degrees))
+    if max(augment.brightness, augment.contrast, augment.saturation, augment.hue) > 0:
+        steps.append(v2.ColorJitter(augment.brightness, augment.contrast, augment.saturation, augment.hue))
+    if augment.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if augment.vflip:
+        steps.append(v2.RandomVerticalFlip())
+    return v2.Compose(steps + eval_transform(size, mean, std).transforms)
+
+
+def eval_transform(size: int, mean: float, std: float) -> v2.Compose:
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize([mean] * 3, [std] * 3)])
+
+
+def to_chw(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)
+
+
+class CachedImages(torch.utils.data.Dataset):
+    """Rows of the cache with their labels; returns (image tensor, label, row)."""
+
+    def __init__(self, array: np.ndarray, rows: Sequence[int], labels: Sequence[int], transform):
+        self.array, self.rows, self.labels, self.transform = array, np.asarray(rows), np.asarray(labels), transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        return self.transform(to_chw(self.array[row])), int(self.labels[i]), row
+
+
+class TripletImages(torch.utils.data.Dataset):
+    """The reference's sampled triplets: anchor, positive (same class), negative; three images each.
+
+    The triplets themselves are drawn up front from a seeded generator (see `sample_triplets`), so the
+    stream does not depend on DataLoader workers.
+    """
+
+    def __init__(self, array: np.ndarray, triplets: np.ndarray, transform):
+        self.array, self.triplets, self.transform = array, triplets, transform
+
+    def __len__(self) -> int:
+        return len(self.triplets)
+
+    def __getitem__(self, i: int):
+        a, p, n = (int(r) for r in self.triplets[i])
+        return tuple(self.transform(to_chw(self.array[r])) for r in (a, p, n))
+
+
+def sample_triplets(rows: np.ndarray, labels: np.ndarray, count: int, balanced: bool,
+                    rng: np.random.Generator) -> np.ndarray:
+    """count x 3 cache rows (anchor, positive, negative). Balanced: anchors 50:50 melanoma/not."""
+    by_class = {c: rows[labels == c] for c in (0, 1)}
+    if balanced:
+        anchor_class = rng.integers(0, 2, size=count)
+    else:
+        anchor_class = labels[rng.integers(0, len(labels), size=count)]
+    out = np.empty((count, 3), dtype=np.int64)
+    for c in (0, 1):
+        idx = np.flatnonzero(anchor_class == c)
+        same, other = by_class[c], by_class[1 - c]
+        out[idx, 0] = rng.choice(same, size=len(idx))
+        out[idx, 1] = rng.choice(same, size=len(idx))
+        out[idx, 2] = rng.choice(other, size=len(idx))
+    return out

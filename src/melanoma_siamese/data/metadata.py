@@ -1,0 +1,258 @@
+"""Find a dataset's layout, read its metadata, and derive the melanoma label.
+
+Every accepted layout ends as one table with the columns `isic_id`, `path`, `patient_id`, `target`
+(1 = melanoma, 0 = not), plus whatever other columns the metadata had. Problems are collected, not
+raised one by one, so a user sees all of them at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+ID_COLUMNS = ("isic_id", "image_name", "image_id", "id")
+DIAGNOSIS_COLUMNS = ("diagnosis_3", "diagnosis")
+ALL_DIAGNOSIS_COLUMNS = ("diagnosis_1", "diagnosis_2", "diagnosis_3", "diagnosis_4", "diagnosis_5", "diagnosis")
+BENIGN_MALIGNANT = {
+    "malignant": 1,
+    "benign": 0,
+    "indeterminate": 0,
+    "indeterminate/benign": 0,
+    "indeterminate/malignant": 0,
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the input, with where it is and what was expected."""
+
+    file: str
+    message: str
+    column: Optional[str] = None
+    value: Optional[str] = None
+    kind: str = "error"
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.column is not None:
+            where += f", column '{self.column}'"
+        if self.value is not None:
+            where += f", value '{self.value}'"
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class Dataset:
+    """The metadata table plus what was learnt reading it."""
+
+    table: pd.DataFrame
+    layout: str
+    metadata_file: Path
+    image_dir: Path
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    dropped_duplicates: int = 0
+
+
+class DataError(Exception):
+    """Input that cannot be used; carries every problem found."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        lines = [f"  - {p}" for p in problems]
+        super().__init__(f"{len(problems)} problem(s) with the input data:\n" + "\n".join(lines))
+
+
+def detect_layout(data_dir: Path) -> tuple[str, Path, Path, Optional[Path]]:
+    """Return (layout name, metadata CSV, image folder, duplicates CSV or None)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError([Problem(str(data_dir), "is not a folder; expected a dataset folder (see README: layouts)")])
+    kaggle = data_dir / "train-metadata.csv"
+    if kaggle.is_file():
+        return "kaggle-256", kaggle, data_dir / "train-image" / "image", None
+    duplicates = data_dir / "ISIC_2020_Training_Duplicates.csv"
+    duplicates = duplicates if duplicates.is_file() else None
+    for name in ("ISIC_2020_Training_GroundTruth_v2.csv", "ISIC_2020_Training_GroundTruth.csv"):
+        if (data_dir / name).is_file():
+            images = data_dir / "ISIC_2020_Training_JPEG"
+            if (images / "train").is_dir():
+                images = images / "train"
+            return "isic-2020-site", data_dir / name, images, duplicates
+    if (data_dir / "train.csv").is_file():
+        # The competition's train/ holds DICOM files; the JPEGs are under jpeg/train/.
+        return "isic-2020-kaggle", data_dir / "train.csv", data_dir / "jpeg" / "train", duplicates
+    if (data_dir / "metadata.csv").is_file():
+        return "isic-cli", data_dir / "metadata.csv", data_dir, None
+    found = sorted(p.name for p in data_dir.iterdir())[:12]
+    raise DataError([
+        Problem(
+            str(data_dir),
+            "no known layout found; expected one of train-metadata.csv + train-image/image/ (Kaggle 256x256), "
+            "train.csv + jpeg/train/ or ISIC_2020_Training_GroundTruth*.csv + ISIC_2020_Training_JPEG/ "
+            "(original ISIC 2020), metadata.csv + <isic_id>.jpg (isic-cli), or pass --metadata CSV --images DIR; "
+            f"found: {', '.join(found) or 'nothing'}",
+        )
+    ])
+
+
+def _text(value) -> str:
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value).strip()
+
+
+def derive_labels(table: pd.DataFrame, file: str) -> tuple[pd.Series, list[Problem], list[str]]:
+    """The melanoma label from `target`, else `benign_malignant`, else the diagnosis columns."""
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    labels = pd.Series(np.full(len(table), -1, dtype=np.int64), index=table.index)
+    ids = table["isic_id"].astype(str)
+    if "target" in table.columns:
+        for i, value in table["target"].items():
+            text = _text(value)
+            try:
+                number = float(text)
+            except ValueError:
+                number = None
+            if number in (0.0, 1.0):
+                labels[i] = int(number)
+            else:
+                problems.append(Problem(file, f"image {ids[i]}: target must be 0 (not melanoma) or 1 (melanoma)",
+                                        "target", text or "<empty>"))
+        return labels, problems, warnings
+    if "benign_malignant" in table.columns:
+        for i, value in table["benign_malignant"].items():
+            text = _text(value).lower()
+            if text in BENIGN_MALIGNANT:
+                labels[i] = BENIGN_MALIGNANT[text]
+            else:
+                problems.append(Problem(file, f"image {ids[i]}: benign_malignant must be one of "
+                                        f"{', '.join(BENIGN_MALIGNANT)}", "benign_malignant", text or "<empty>"))
+        if "diagnosis" in table.columns:
+            diagnosis = table["diagnosis"].map(_text).str.lower()
+            other = (labels == 1) & ~diagnosis.str.contains("melanoma") & (diagnosis != "") & (diagnosis != "unknown")
+            if other.any():
+                kinds = ", ".join(sorted(set(diagnosis[other])))
+                warnings.append(
+                    f"{file}: {int(other.sum())} image(s) are 'malignant' with a diagnosis that is not melanoma "
+                    f"({kinds}); they are labelled 1 (melanoma) as in ISIC 2020's target. Add a 'target' column "
+                    "to label them otherwise."
+                )
+        return labels, problems, warnings
+    present = [c for c in ALL_DIAGNOSIS_COLUMNS if c in table.columns]
+    if not present:
+        problems.append(Problem(file, "no label column; expected 'target' (0/1), 'benign_malignant', or the "
+                                "diagnosis columns isic-cli writes (diagnosis_1..diagnosis_3 or diagnosis); "
+                                f"columns found: {', '.join(map(str, table.columns))}", "target"))
+        return labels, problems, warnings
+    for i in table.index:
+        texts = {c: _text(table.at[i, c]) for c in present}
+        if not any(texts.values()):
+            problems.append(Problem(file, f"image {ids[i]}: no diagnosis in any of {', '.join(present)}; "
+                                    "expected a diagnosis text (melanoma = 1, anything else = 0)",
+                                    present[0], "<empty>"))
+            continue
+        melanoma = any("melanoma" in texts.get(c, "").lower() for c in DIAGNOSIS_COLUMNS)
+        labels[i] = int(melanoma)
+    return labels, problems, warnings
+
+
+def _find_image(image_dir: Path, image_id: str, listing: dict[str, Path]) -> Optional[Path]:
+    if Path(image_id).suffix.lower() in IMAGE_EXTENSIONS:
+        return listing.get(image_id)
+    for ext in IMAGE_EXTENSIONS:
+        hit = listing.get(image_id + ext) or listing.get(image_id + ext.upper())
+        if hit is not None:
+            return hit
+    return None
+
+
+def read_dataset(
+    data_dir: Optional[Path] = None,
+    metadata: Optional[Path] = None,
+    images: Optional[Path] = None,
+) -> Dataset:
+    """Read metadata and locate images. Problems are returned on the Dataset, not raised."""
+    duplicates_file = None
+    if metadata is not None or images is not None:
+        if metadata is None or images is None:
+            raise DataError([Problem("command line", "--metadata and --images go together")])
+        layout, metadata_file, image_dir = "custom", Path(metadata), Path(images)
+        if not metadata_file.is_file():
+            raise DataError([Problem(str(metadata_file), "metadata CSV does not exist")])
+    else:
+        layout, metadata_file, image_dir, duplicates_file = detect_layout(Path(data_dir))
+    file = str(metadata_file)
+    try:
+        table = pd.read_csv(metadata_file, dtype={"isic_id": str, "image_name": str, "patient_id": str},
+                            low_memory=False)
+    except Exception as exc:  # pandas raises many kinds here
+        raise DataError([Problem(file, f"cannot be read as CSV: {exc}")]) from exc
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    id_column = next((c for c in ID_COLUMNS if c in table.columns), None)
+    if id_column is None:
+        raise DataError([Problem(file, f"missing the image id column; expected one of {', '.join(ID_COLUMNS)}; "
+                                 f"columns found: {', '.join(map(str, table.columns))}", ID_COLUMNS[0])])
+    table = table.rename(columns={id_column: "isic_id"}) if id_column != "isic_id" else table
+    table["isic_id"] = table["isic_id"].map(_text)
+    table = table.reset_index(drop=True)
+
+    empty_ids = table.index[table["isic_id"] == ""]
+    for i in empty_ids:
+        problems.append(Problem(file, f"row {i + 2}: empty image id", "isic_id", "<empty>"))
+    dup_mask = table["isic_id"].duplicated(keep=False) & (table["isic_id"] != "")
+    for image_id in sorted(set(table.loc[dup_mask, "isic_id"])):
+        rows = [str(i + 2) for i in table.index[table["isic_id"] == image_id]]
+        problems.append(Problem(file, f"duplicate image id on rows {', '.join(rows)}; each id must appear once",
+                                id_column, image_id))
+
+    dropped = 0
+    if duplicates_file is not None:
+        pairs = pd.read_csv(duplicates_file, dtype=str)
+        second = pairs.columns[1] if len(pairs.columns) >= 2 else None
+        if second is None:
+            problems.append(Problem(str(duplicates_file), "expected two columns (image_name_1, image_name_2)"))
+        else:
+            drop = set(pairs[second].map(_text)) - {""}
+            keep = ~table["isic_id"].isin(drop)
+            dropped = int((~keep).sum())
+            table = table[keep].reset_index(drop=True)
+
+    labels, label_problems, label_warnings = derive_labels(table, file)
+    problems += label_problems
+    warnings += label_warnings
+    table["target"] = labels.values
+
+    if "patient_id" not in table.columns:
+        warnings.append(f"{file}: no 'patient_id' column; every image is its own patient group, so images of one "
+                        "patient may land in different parts of the split")
+        table["patient_id"] = ""
+    patients = table["patient_id"].map(_text)
+    missing = patients == ""
+    if missing.any() and "patient_id" in table.columns and not missing.all():
+        warnings.append(f"{file}: {int(missing.sum())} image(s) have no patient_id; each becomes its own group")
+    table["patient_id"] = np.where(missing, "single:" + table["isic_id"], patients)
+
+    listing: dict[str, Path] = {}
+    if image_dir.is_dir():
+        for p in image_dir.iterdir():
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                listing[p.name] = p
+    else:
+        problems.append(Problem(str(image_dir), f"image folder does not exist; expected the {layout} layout's "
+                                "images there"))
+    paths = []
+    for i, image_id in table["isic_id"].items():
+        path = _find_image(image_dir, image_id, listing) if image_id else None
+        if path is None and image_dir.is_dir() and image_id:
+            problems.append(Problem(str(image_dir), f"image listed in {metadata_file.name} is absent; expected "
+                                    f"{image_id}.jpg", "isic_id", image_id, kind="missing"))
+        paths.append(str(path) if path is not None else "")
+    table["path"] = paths
+    front = ["isic_id", "patient_id", "target", "path"]
+    table = table[front + [c for c in table.columns if c not in front]]
+    return Dataset(table, layout, metadata_file, image_dir, problems, warnings, dropped)

@@ -1,0 +1,107 @@
+"""From a folder to validated, decoded, split data: everything checked before a model is built."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from .images import build_cache
+from .metadata import DataError, Dataset, Problem, read_dataset
+from .split import balanced_subsample, patient_split, split_problems, subsample_train_melanoma
+
+
+@dataclass
+class Prepared:
+    table: pd.DataFrame  # kept images: isic_id, patient_id, target, path, row (cache row), part, ...
+    array: np.ndarray  # the decoded cache, indexed by table["row"]
+    dataset: Dataset
+    skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["isic_id", "reason"]))
+    conversions: dict = field(default_factory=dict)
+
+    def rows(self, part: str) -> np.ndarray:
+        return self.table.loc[self.table["part"] == part, "row"].to_numpy()
+
+    def labels(self, part: str) -> np.ndarray:
+        return self.table.loc[self.table["part"] == part, "target"].to_numpy()
+
+    def part(self, part: str) -> pd.DataFrame:
+        return self.table[self.table["part"] == part]
+
+
+def load_and_validate(data_dir: Optional[Path], metadata: Optional[Path], images: Optional[Path], image_size: int,
+                      skip_bad_images: bool, cache_dir: Optional[Path], workers: int, progress: bool,
+                      log=print) -> Prepared:
+    """Read metadata, decode every image, and report every problem at once (DataError) unless skippable."""
+    dataset = read_dataset(data_dir, metadata, images)
+    for warning in dataset.warnings:
+        log(f"Warning: {warning}")
+    table = dataset.table
+    cache = build_cache(table["path"].tolist(), image_size, cache_dir, workers=workers, progress=progress)
+    problems = list(dataset.problems)
+    skipped = []
+    for row, reason in sorted(cache.failures.items()):
+        image_id, path = table.at[row, "isic_id"], table.at[row, "path"]
+        if reason == "file absent":
+            skipped.append((image_id, f"listed in {dataset.metadata_file.name} but absent from {dataset.image_dir}"))
+            continue  # already reported by read_dataset
+        skipped.append((image_id, reason))
+        problems.append(Problem(path, f"{reason}; expected a JPEG or PNG image", "isic_id", image_id, kind="decode"))
+    image_problems = [p for p in problems if p.kind in ("missing", "decode")]
+    other_problems = [p for p in problems if p.kind not in ("missing", "decode")]
+    keep = np.ones(len(table), dtype=bool)
+    keep[list(cache.failures)] = False
+    keep &= (table["target"] >= 0).to_numpy()
+    if not skip_bad_images and image_problems:
+        hint = Problem("command line", f"{len(image_problems)} image(s) are missing or do not decode; "
+                       "pass --skip-bad-images to drop them (their ids are then written to the run folder)")
+        other_problems.append(hint)
+    fatal = other_problems + ([] if skip_bad_images else image_problems)
+    table = table.assign(row=np.arange(len(table)))[keep].reset_index(drop=True)
+    if not fatal:
+        fatal = []
+    skipped_frame = pd.DataFrame(skipped, columns=["isic_id", "reason"])
+    if fatal:
+        ordered = [p for p in fatal if p.file != "command line"] + [p for p in fatal if p.file == "command line"]
+        raise DataError(ordered)
+    if cache.conversions:
+        log("Converted while decoding: " + ", ".join(f"{k}: {v}" for k, v in sorted(cache.conversions.items())))
+    if dataset.dropped_duplicates:
+        log(f"Dropped {dataset.dropped_duplicates} duplicate image(s) listed in ISIC_2020_Training_Duplicates.csv")
+    return Prepared(table, cache.array, dataset, skipped_frame, cache.conversions)
+
+
+def assign_split(prepared: Prepared, val_fraction: float, test_fraction: float, seed: int,
+                 train_melanoma_fraction: Optional[float]) -> None:
+    problems = split_problems(prepared.table, val_fraction, test_fraction, str(prepared.dataset.metadata_file))
+    if problems:
+        raise DataError(problems)
+    part = patient_split(prepared.table, val_fraction, test_fraction, seed)
+    if train_melanoma_fraction is not None:
+        part = subsample_train_melanoma(prepared.table, part, train_melanoma_fraction, seed)
+    prepared.table["part"] = part.values
+
+
+def apply_saved_split(prepared: Prepared, split_file: Path) -> None:
+    """Reuse a run's split.csv; every id in it must still be in the data."""
+    split = pd.read_csv(split_file, dtype={"isic_id": str})
+    parts = dict(zip(split["isic_id"], split["part"]))
+    missing = sorted(set(parts) - set(prepared.table["isic_id"]))
+    if missing:
+        raise DataError([Problem(str(split_file), f"{len(missing)} image(s) of the saved split are no longer in the "
+                                 f"data, e.g. {', '.join(missing[:5])}; evaluate needs the data the run was "
+                                 "trained on", "isic_id", missing[0])])
+    prepared.table["part"] = prepared.table["isic_id"].map(parts).fillna("unused").values
+
+
+def write_split(prepared: Prepared, path: Path) -> None:
+    columns = ["isic_id", "patient_id", "target", "part"]
+    prepared.table[columns].to_csv(path, index=False)
+
+
+def balanced_test_ids(prepared: Prepared, per_class: int, seed: int) -> np.ndarray:
+    test = prepared.part("test")
+    idx = balanced_subsample(test["target"].to_numpy(), per_class, seed)
+    return test["isic_id"].to_numpy()[idx]

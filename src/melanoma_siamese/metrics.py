@@ -1,0 +1,174 @@
+"""Numbers from labels, probabilities and embeddings. No models, no files."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from sklearn import metrics as skm
+
+
+def binary_report(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
+    """Everything the field reports for one set of predictions at one threshold."""
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=float)
+    pred = (probs >= threshold).astype(int)
+    cm = skm.confusion_matrix(labels, pred, labels=[0, 1])
+    tn, fp, fn, tp = (int(x) for x in cm.ravel())
+    both = len(np.unique(labels)) == 2
+    report = skm.classification_report(labels, pred, labels=[0, 1], target_names=["benign", "melanoma"],
+                                       output_dict=True, zero_division=0)
+    out = {
+        "n": int(len(labels)),
+        "n_melanoma": int(labels.sum()),
+        "threshold": float(threshold),
+        "accuracy": float(skm.accuracy_score(labels, pred)),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(labels, pred)) if both else float("nan"),
+        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+        "confusion_matrix": cm.tolist(),
+        "report": report,
+        "roc_auc": float(skm.roc_auc_score(labels, probs)) if both else float("nan"),
+        "average_precision": float(skm.average_precision_score(labels, probs)) if both else float("nan"),
+        "brier": float(skm.brier_score_loss(labels, probs)),
+    }
+    if both:
+        out["partial_auc_above_80_sensitivity"] = partial_auc_above_sensitivity(labels, probs, 0.8)
+        out["sensitivity_at_90_specificity"] = sensitivity_at_specificity(labels, probs, 0.9)
+    return out
+
+
+def partial_auc_above_sensitivity(labels: np.ndarray, probs: np.ndarray, min_tpr: float = 0.8) -> float:
+    """ISIC 2024's score: area between the ROC curve and the line TPR = min_tpr (0 to 1 - min_tpr).
+
+    Flip labels and scores, integrate the flipped ROC curve up to FPR = 1 - min_tpr, no McClish correction.
+    """
+    max_fpr = 1 - min_tpr
+    fpr, tpr, _ = skm.roc_curve(1 - np.asarray(labels), -np.asarray(probs, dtype=float))
+    stop = np.searchsorted(fpr, max_fpr, side="right")
+    x = np.concatenate([fpr[:stop], [max_fpr]])
+    y = np.concatenate([tpr[:stop], [np.interp(max_fpr, fpr, tpr)]])
+    return float(np.trapezoid(y, x) if hasattr(np, "trapezoid") else np.trapz(y, x))
+
+
+def sensitivity_at_specificity(labels: np.ndarray, probs: np.ndarray, specificity: float) -> float:
+    fpr, tpr, _ = skm.roc_curve(labels, probs)
+    ok = fpr <= 1 - specificity + 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def choose_threshold(labels: np.ndarray, probs: np.ndarray, rule: str, target_sensitivity: float = 0.9,
+                     fixed: float = 0.5) -> float:
+    """The decision threshold from validation predictions: Youden's J, a target sensitivity, or fixed."""
+    if rule == "fixed" or len(np.unique(labels)) < 2:
+        return float(fixed)
+    fpr, tpr, thresholds = skm.roc_curve(labels, probs)
+    thresholds = np.clip(thresholds, 0.0, 1.0)
+    if rule == "youden":
+        return float(thresholds[int(np.argmax(tpr - fpr))])
+    if rule == "sensitivity":
+        return float(thresholds[int(np.flatnonzero(tpr >= target_sensitivity)[0])])
+    raise ValueError(f"unknown threshold rule {rule!r}")
+
+
+def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray, threshold: float,
+                 n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """95% intervals for ROC AUC and balanced accuracy, resampling patients (not images) with replacement."""
+    labels, probs, groups = np.asarray(labels), np.asarray(probs), np.asarray(groups)
+    rng = np.random.default_rng(seed)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    aucs, baccs = [], []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(uniq), len(uniq))
+        idx = np.concatenate([members[g] for g in pick])
+        y = labels[idx]
+        if y.min() == y.max():
+            continue
+        aucs.append(skm.roc_auc_score(y, probs[idx]))
+        baccs.append(skm.balanced_accuracy_score(y, (probs[idx] >= threshold).astype(int)))
+    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+    return {
+        "roc_auc_ci": [float(v) for v in np.percentile(aucs, q)] if aucs else [float("nan")] * 2,
+        "balanced_accuracy_ci": [float(v) for v in np.percentile(baccs, q)] if baccs else [float("nan")] * 2,
+        "n_boot": len(aucs),
+    }
+
+
+def paired_bootstrap_auc(labels: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, groups: np.ndarray,
+                         n_boot: int = 1000, seed: int = 0) -> dict:
+    """AUC(a) - AUC(b) on the same patient resamples of one test set.
+
+    probs_a / probs_b may be 2-D (seeds x images): each resample then scores the mean difference over seeds.
+    Returns the observed difference, its 95% interval, and the share of resamples where b is not worse.
+    """
+    labels = np.asarray(labels)
+    a, b = np.atleast_2d(probs_a), np.atleast_2d(probs_b)
+
+    def mean_diff(idx: np.ndarray) -> float:
+        y = labels[idx]
+        return float(np.mean([skm.roc_auc_score(y, pa[idx]) for pa in a])
+                     - np.mean([skm.roc_auc_score(y, pb[idx]) for pb in b]))
+
+    rng = np.random.default_rng(seed)
+    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    diffs = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        if labels[idx].min() != labels[idx].max():
+            diffs.append(mean_diff(idx))
+    diffs = np.asarray(diffs)
+    return {"auc_difference": mean_diff(np.arange(len(labels))),
+            "ci": [float(v) for v in np.percentile(diffs, [2.5, 97.5])],
+            "p_b_not_worse": float((diffs <= 0).mean())}
+
+
+def knn_probabilities(query: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray, k: int,
+                      exclude_self: bool = False, chunk: int = 4096) -> np.ndarray:
+    """Similarity-weighted vote of the k most cosine-similar references: P(melanoma) per query.
+
+    Embeddings are L2-normalised, so cosine similarity is a matrix product; weights are (1 + cos) / 2.
+    """
+    ref = torch.as_tensor(reference, dtype=torch.float32)
+    ref_labels = torch.as_tensor(reference_labels, dtype=torch.float32)
+    k = min(k, len(ref) - int(exclude_self))
+    out = []
+    for start in range(0, len(query), chunk):
+        q = torch.as_tensor(query[start:start + chunk], dtype=torch.float32)
+        sims = q @ ref.T
+        if exclude_self:
+            rows = torch.arange(len(q))
+            sims[rows, rows + start] = -float("inf")
+        top, idx = sims.topk(k, dim=1)
+        weights = (1 + top.clamp(min=-1)) / 2
+        out.append(((weights * ref_labels[idx]).sum(1) / weights.sum(1).clamp(min=1e-12)).numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def retrieval_metrics(query: np.ndarray, query_labels: np.ndarray, reference: np.ndarray,
+                      reference_labels: np.ndarray) -> dict:
+    """precision@1 and MAP@R via pytorch-metric-learning's AccuracyCalculator, with an exact cosine kNN."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    calculator = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"),
+                                    k="max_bin_count", knn_func=CustomKNN(CosineSimilarity(), batch_size=1024),
+                                    device=torch.device("cpu"))
+    result = calculator.get_accuracy(torch.as_tensor(query), torch.as_tensor(query_labels),
+                                     torch.as_tensor(reference), torch.as_tensor(reference_labels),
+                                     ref_includes_query=False)
+    return {"precision_at_1": float(result["precision_at_1"]),
+            "map_at_r": float(result["mean_average_precision_at_r"])}
+
+
+def similarity_stats(embeddings: np.ndarray, labels: np.ndarray) -> dict:
+    """Mean cosine similarity of same-class and other-class pairs (a collapsing embedding shows here)."""
+    e = torch.as_tensor(embeddings, dtype=torch.float32)
+    y = torch.as_tensor(labels)
+    sims = e @ e.T
+    same = (y[:, None] == y[None, :]) & ~torch.eye(len(y), dtype=torch.bool)
+    other = y[:, None] != y[None, :]
+    return {"same_class_similarity": float(sims[same].mean()) if same.any() else float("nan"),
+            "other_class_similarity": float(sims[other].mean()) if other.any() else float("nan")}

@@ -1,0 +1,174 @@
+"""Figures from numbers (Agg backend): each function takes what it draws and a path, and writes a PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def loss_curves(history: Sequence[dict], path: Path, title: str, extra: Sequence[str] = ()) -> None:
+    """Training and validation loss per epoch; `extra` keys (e.g. val_acc) on a second axis."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    epochs = [h["epoch"] for h in history]
+    for key, style in (("train_loss", "-o"), ("val_loss", "-s")):
+        values = [h.get(key, np.nan) for h in history]
+        if np.isfinite(values).any():
+            ax.plot(epochs, values, style, ms=3, label=key.replace("_", " "))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    lines, names = ax.get_legend_handles_labels()
+    if extra:
+        ax2 = ax.twinx()
+        for key in extra:
+            values = [h.get(key, np.nan) for h in history]
+            if np.isfinite(values).any():
+                ax2.plot(epochs, values, "--", label=key.replace("_", " "))
+        ax2.set_ylabel(", ".join(extra))
+        more = ax2.get_legend_handles_labels()
+        lines, names = lines + more[0], names + more[1]
+    best = [h["epoch"] for h in history if h.get("best")]
+    if best:
+        ax.axvline(best[-1], color="grey", lw=0.8, ls=":")
+    ax.legend(lines, names, fontsize=8)
+    _save(fig, path)
+
+
+def validation_metrics(history: Sequence[dict], keys: Sequence[str], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    epochs = [h["epoch"] for h in history]
+    for key in keys:
+        values = [h.get(key, np.nan) for h in history]
+        if np.isfinite(values).any():
+            ax.plot(epochs, values, "-o", ms=3, label=key.replace("_", " "))
+    ax.set_xlabel("epoch (0 = untrained encoder)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Validation retrieval and kNN metrics")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def confusion_matrix(cm: Sequence[Sequence[int]], path: Path, title: str) -> None:
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set_xticks([0, 1], ["benign", "melanoma"])
+    ax.set_yticks([0, 1], ["benign", "melanoma"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)
+
+
+def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+    """curves: name -> (labels, probabilities)."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    for name, (y, p) in curves.items():
+        if len(np.unique(y)) < 2:
+            continue
+        fpr, tpr, _ = skm.roc_curve(y, p)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {skm.roc_auc_score(y, p):.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.axhline(0.8, color="grey", lw=0.6, ls="--")
+    ax.set_xlabel("1 - specificity (false-positive rate)")
+    ax.set_ylabel("sensitivity (true-positive rate)")
+    ax.set_title("ROC, test part")
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+
+
+def pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    for name, (y, p) in curves.items():
+        if len(np.unique(y)) < 2:
+            continue
+        precision, recall, _ = skm.precision_recall_curve(y, p)
+        ax.plot(recall, precision, label=f"{name} (AP {skm.average_precision_score(y, p):.3f})")
+        ax.axhline(np.mean(y), color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision")
+    ax.set_title("Precision-recall, test part (dotted: prevalence)")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def reliability(labels: np.ndarray, probs: np.ndarray, path: Path, bins: int = 10) -> None:
+    from sklearn.calibration import calibration_curve
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    frac, mean = calibration_curve(labels, probs, n_bins=bins, strategy="quantile")
+    ax.plot(mean, frac, "-o", ms=3, label="model")
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    ax.set_xlabel("mean predicted melanoma probability")
+    ax.set_ylabel("observed melanoma fraction")
+    ax.set_title(f"Reliability, test part (Brier {skm.brier_score_loss(labels, probs):.3f})", fontsize=9)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def embedding_map(embeddings: np.ndarray, labels: np.ndarray, path: Path, seed: int = 0, max_points: int = 3000) -> None:
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(labels))[:max_points]
+    perplexity = float(min(30, max(2, (len(idx) - 1) / 3)))
+    xy = TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity).fit_transform(embeddings[idx])
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for c, name, color in ((0, "benign", "tab:blue"), (1, "melanoma", "tab:red")):
+        m = labels[idx] == c
+        ax.scatter(xy[m, 0], xy[m, 1], s=6 if c == 0 else 10, alpha=0.6, c=color, label=name)
+    ax.set_title("t-SNE of test embeddings")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def distance_histograms(embeddings: np.ndarray, labels: np.ndarray, path: Path) -> None:
+    """Cosine distances of same-class and other-class pairs: separation of the metric space."""
+    e = np.asarray(embeddings, dtype=np.float32)
+    d = 1 - e @ e.T
+    same = labels[:, None] == labels[None, :]
+    upper = np.triu(np.ones_like(same, dtype=bool), k=1)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    bins = np.linspace(0, 2, 61)
+    for mask, name in ((same & upper & (labels[:, None] == 1), "melanoma-melanoma"),
+                       (same & upper & (labels[:, None] == 0), "benign-benign"),
+                       (~same & upper, "melanoma-benign")):
+        if mask.any():
+            ax.hist(d[mask], bins=bins, density=True, alpha=0.5, label=name)
+    ax.set_xlabel("cosine distance (1 - cos)")
+    ax.set_ylabel("density")
+    ax.set_title("Pair distances, test part")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def image_grid(images: np.ndarray, titles: Sequence[str], path: Path, title: str) -> None:
+    """images: N x H x W x 3 uint8."""
+    n = len(images)
+    cols = min(n, 8)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, t in zip(axes.ravel(), images, titles):
+        ax.imshow(image)
+        ax.set_title(t, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
