@@ -95,8 +95,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     recipes = [Path(c).name.removesuffix(".yaml") for c in args.configs]
     rows_file = out_dir / "runs.csv"
     rows = pd.read_csv(rows_file) if rows_file.is_file() else pd.DataFrame()
-    for config_file, recipe in zip(args.configs, recipes):
-        for seed in args.seeds:
+    # Seeds outermost: an interrupted table holds every recipe at the seeds it reached.
+    for seed in args.seeds:
+        for config_file, recipe in zip(args.configs, recipes):
             run_dir = out_dir / recipe / f"seed{seed}"
             done = not rows.empty and ((rows["recipe"] == recipe) & (rows["seed"] == seed)).any()
             if done and (run_dir / "metrics.json").is_file():

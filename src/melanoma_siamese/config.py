@@ -185,6 +185,11 @@ def _coerce(value: Any, default: Any, annotation: Any, path: str) -> Any:
         raise ConfigError(f"{path}: expected true or false, got {value!r}")
     if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if target is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if target is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if target is str:

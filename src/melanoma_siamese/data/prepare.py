@@ -22,10 +22,10 @@ class Prepared:
     conversions: dict = field(default_factory=dict)
 
     def rows(self, part: str) -> np.ndarray:
-        return self.table.loc[self.table["part"] == part, "row"].to_numpy()
+        return np.array(self.table.loc[self.table["part"] == part, "row"], dtype=np.int64)
 
     def labels(self, part: str) -> np.ndarray:
-        return self.table.loc[self.table["part"] == part, "target"].to_numpy()
+        return np.array(self.table.loc[self.table["part"] == part, "target"], dtype=np.int64)
 
     def part(self, part: str) -> pd.DataFrame:
         return self.table[self.table["part"] == part]
@@ -60,8 +60,6 @@ def load_and_validate(data_dir: Optional[Path], metadata: Optional[Path], images
         other_problems.append(hint)
     fatal = other_problems + ([] if skip_bad_images else image_problems)
     table = table.assign(row=np.arange(len(table)))[keep].reset_index(drop=True)
-    if not fatal:
-        fatal = []
     skipped_frame = pd.DataFrame(skipped, columns=["isic_id", "reason"])
     if fatal:
         ordered = [p for p in fatal if p.file != "command line"] + [p for p in fatal if p.file == "command line"]

@@ -1,0 +1,109 @@
+"""End to end through the command line, on tiny generated data."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as skm
+
+from melanoma_siamese.cli import main
+
+from conftest import kaggle_dataset, set_args
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "r"
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--seed", "0", *set_args()]) == 0
+    return run
+
+
+def test_run_folder_contents(trained_run):
+    for name in ["models/siamese.pth", "models/classifier.pth", "config.yaml", "split.csv", "run.json",
+                 "history_siamese.jsonl", "history_classifier.jsonl", "predictions.csv", "metrics.json",
+                 "threshold.json", "index.npz", "images/siamese_loss.png", "images/classifier_loss.png",
+                 "images/confusion_matrix.png", "images/input_sample.png", "images/roc_curve.png",
+                 "images/pr_curve.png", "images/embedding_map.png", "images/distance_hist.png",
+                 "images/reliability.png", "images/val_metrics.png"]:
+        assert (trained_run / name).is_file(), name
+    info = json.loads((trained_run / "run.json").read_text())
+    assert info["device"] == "cpu" and "torch" in info["versions"]
+    history = [json.loads(line) for line in (trained_run / "history_siamese.jsonl").read_text().splitlines()]
+    assert history[0]["epoch"] == 0 and "knn_auc" in history[1] and "mined" in history[1]
+
+
+def test_split_never_shares_a_patient(trained_run):
+    split = pd.read_csv(trained_run / "split.csv")
+    assert (split.groupby("patient_id")["part"].nunique() == 1).all()
+    assert set(split["part"]) == {"train", "val", "test"}
+
+
+def test_metrics_equal_sklearn_recomputation(trained_run):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    pred = pd.read_csv(trained_run / "predictions.csv")
+    assert set(pred.columns) >= {"isic_id", "patient_id", "label", "prob_melanoma", "knn_prob_melanoma", "part"}
+    test, val = pred[pred["part"] == "test"], pred[pred["part"] == "val"]
+    y, p = test["label"], test["prob_melanoma"]
+    t = metrics["threshold"]["classifier"]
+    assert metrics["test"]["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p))
+    assert metrics["test"]["average_precision"] == pytest.approx(skm.average_precision_score(y, p))
+    assert metrics["test"]["accuracy"] == pytest.approx(skm.accuracy_score(y, p >= t))
+    assert metrics["test"]["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, p >= t))
+    assert metrics["test"]["confusion_matrix"] == skm.confusion_matrix(y, p >= t).tolist()
+    assert metrics["test_at_0.5"]["accuracy"] == pytest.approx(skm.accuracy_score(y, p >= 0.5))
+    assert metrics["knn"]["test"]["roc_auc"] == pytest.approx(skm.roc_auc_score(y, test["knn_prob_melanoma"]))
+    # The threshold applied on test is the one chosen on validation (Youden's J).
+    fpr, tpr, thr = skm.roc_curve(val["label"], val["prob_melanoma"])
+    assert t == pytest.approx(min(1.0, thr[np.argmax(tpr - fpr)]))
+    bal = metrics["test_balanced"]
+    assert bal["n_melanoma"] * 2 == bal["n"]
+
+
+def test_evaluate_reproduces_and_scores_other_data(trained_run, tmp_path):
+    before = json.loads((trained_run / "metrics.json").read_text())
+    assert main(["evaluate", "--run", str(trained_run), "--no-progress"]) == 0
+    after = json.loads((trained_run / "metrics.json").read_text())
+    assert after["test"]["roc_auc"] == pytest.approx(before["test"]["roc_auc"])
+    other = kaggle_dataset(tmp_path / "other", n=24)
+    assert main(["evaluate", "--run", str(trained_run), "--data", str(other), "--no-progress"]) == 0
+    external = trained_run / "external" / "other"
+    pred = pd.read_csv(external / "predictions.csv")
+    assert len(pred) == 24 and (pred["part"] == "test").all()
+    assert json.loads((external / "metrics.json").read_text())["test"]["n"] == 24
+
+
+def test_same_seed_same_split_and_metrics(trained_run, tiny_data, tmp_path):
+    again = tmp_path / "again"
+    assert main(["train", "--data", str(tiny_data), "--out", str(again), "--seed", "0", *set_args()]) == 0
+    assert (again / "split.csv").read_text() == (trained_run / "split.csv").read_text()
+    a = pd.read_csv(trained_run / "predictions.csv")
+    b = pd.read_csv(again / "predictions.csv")
+    assert np.allclose(a["prob_melanoma"], b["prob_melanoma"], atol=1e-6)
+
+
+def test_stage_classifier_reuses_encoder_and_split(trained_run, tiny_data, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    split = (run / "split.csv").read_text()
+    encoder = (run / "models" / "siamese.pth").read_bytes()
+    assert main(["train", "--data", str(tiny_data), "--out", str(run), "--stage", "classifier", "--seed", "5",
+                 *set_args()]) == 0
+    assert (run / "split.csv").read_text() == split
+    assert (run / "models" / "siamese.pth").read_bytes() == encoder
+
+
+def test_module_entry_point_and_console_script():
+    out = subprocess.run([sys.executable, "-m", "melanoma_siamese", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout and "compare" in out.stdout
+    script = shutil.which("melanoma-siamese") or str(
+        __import__("pathlib").Path(sys.executable).parent / "melanoma-siamese")
+    out = subprocess.run([script, "train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--skip-bad-images" in out.stdout
+
+
+def test_device_is_printed(trained_run, capsys):
+    main(["evaluate", "--run", str(trained_run), "--no-progress", "--set", "evaluation.bootstrap=0"])
+    assert "Device: cpu" in capsys.readouterr().out

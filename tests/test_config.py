@@ -1,0 +1,48 @@
+import pytest
+
+from melanoma_siamese.cli import PACKAGED_CONFIGS, config_path
+from melanoma_siamese.config import Config, ConfigError, dump_yaml, load_config, with_overrides
+
+
+def test_packaged_recipes_load_and_differ():
+    configs = {name: load_config(config_path(name)) for name in PACKAGED_CONFIGS}
+    assert configs["default"].model.backbone == "resnet50" and configs["default"].model.pretrained == "imagenet"
+    assert configs["default"].data.image_size == 256
+    assert configs["reference"].siamese.mining == "sampled" and configs["reference"].siamese.loss == "triplet"
+    assert configs["plain-ce"].siamese.loss == "none" and configs["plain-ce"].classifier.kind == "head"
+    assert configs["default"].data.mean == configs["default"].data.std == 0.5
+
+
+def test_overrides_are_typed():
+    config = load_config(None, ["model.backbone=resnet18", "siamese.lr=3e-4", "data.augment.hflip=false",
+                                "data.train_melanoma_fraction=0.05"])
+    assert config.model.backbone == "resnet18"
+    assert config.siamese.lr == pytest.approx(3e-4)
+    assert config.data.augment.hflip is False
+    assert config.data.train_melanoma_fraction == 0.05
+
+
+def test_unknown_key_lists_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.backbon=resnet18"])
+    assert "model.backbon" in str(err.value) and "model.backbone" in str(err.value)
+    with pytest.raises(ConfigError, match="valid keys"):
+        load_config(None, ["modle.backbone=x"])
+
+
+def test_bad_choice_and_type_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="semihard"):
+        load_config(None, ["siamese.mining=semi-hard"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(None, ["data.image_size=big"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("siamese:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=str(bad)):
+        load_config(bad)
+
+
+def test_roundtrip_yaml(tmp_path):
+    config = with_overrides(Config(), {"siamese.epochs": 7})
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(config))
+    assert load_config(path) == config
