@@ -15,6 +15,8 @@ from .data.metadata import DataError
 from .models import WeightsError
 
 PACKAGED_CONFIGS = ("default", "reference", "plain-ce", "demo")
+# Modules that add their own sub-commands: each has add_parser(subparsers, common) and sets `handler`.
+COMMAND_MODULES = ("compare",)
 
 
 def config_path(name: Optional[str]) -> Path:
@@ -77,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=64)
     synth.add_argument("--seed", type=int, default=0)
 
-    from .compare import add_parser as add_compare
-    add_compare(sub, _common)
+    from importlib import import_module
+
+    for name in COMMAND_MODULES:
+        import_module(f".{name}", __package__).add_parser(sub, _common)
     return parser
 
 
@@ -183,10 +187,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "synth": cmd_synth}
-    from .compare import cmd_compare
-    handlers["compare"] = cmd_compare
     try:
-        return handlers[args.command](args)
+        return handlers[args.command](args) if args.command in handlers else args.handler(args)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
     except (ConfigError, WeightsError, CheckpointError) as exc:

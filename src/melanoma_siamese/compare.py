@@ -33,6 +33,7 @@ def add_parser(sub, common) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--skip-bad-images", action="store_true")
     common(parser)
+    parser.set_defaults(handler=cmd_compare)
 
 
 def run_row(metrics: dict, seconds: float) -> dict:
