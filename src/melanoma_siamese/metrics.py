@@ -130,12 +130,12 @@ def knn_probabilities(query: np.ndarray, reference: np.ndarray, reference_labels
 
     Embeddings are L2-normalised, so cosine similarity is a matrix product; weights are (1 + cos) / 2.
     """
-    ref = torch.as_tensor(reference, dtype=torch.float32)
-    ref_labels = torch.as_tensor(reference_labels, dtype=torch.float32)
+    ref = torch.tensor(np.asarray(reference, dtype=np.float32))
+    ref_labels = torch.tensor(np.asarray(reference_labels, dtype=np.float32))
     k = min(k, len(ref) - int(exclude_self))
     out = []
     for start in range(0, len(query), chunk):
-        q = torch.as_tensor(query[start:start + chunk], dtype=torch.float32)
+        q = torch.tensor(np.asarray(query[start:start + chunk], dtype=np.float32))
         sims = q @ ref.T
         if exclude_self:
             rows = torch.arange(len(q))

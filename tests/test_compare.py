@@ -1,0 +1,32 @@
+import pandas as pd
+
+from melanoma_siamese.cli import main
+
+from conftest import set_args
+
+
+def test_compare_writes_table_and_resumes(tiny_data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", str(tiny_data), "--configs", "configs/demo.yaml", "configs/plain-ce.yaml",
+            "--seeds", "0", "--out", str(out), *set_args(), "--set", "siamese.epochs=1",
+            "--set", "siamese.budget_images=64"]
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    assert main(args) == 0
+    table = pd.read_csv(out / "comparison.csv")
+    assert list(table["recipe"]) == ["demo", "plain-ce"]
+    assert "test ROC AUC" in table.columns and "pAUC >80% sens. (ISIC 2024, max 0.2)" in table.columns
+    md = (out / "comparison.md").read_text()
+    assert "| recipe |" in md and "Paired patient bootstrap" in md
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 2 and (runs["seed"] == 0).all()
+    # Every run shares one split.
+    assert (out / "demo" / "seed0" / "split.csv").read_text() == (out / "plain-ce" / "seed0" / "split.csv").read_text()
+    # The budget is a cap on backbone passes.
+    assert (runs["train_seconds"] > 0).all()
+    stamp = (out / "demo" / "seed0" / "metrics.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "demo seed 0: done, kept" in printed and "plain-ce seed 0: done, kept" in printed
+    assert (out / "demo" / "seed0" / "metrics.json").stat().st_mtime_ns == stamp
+    assert len(pd.read_csv(out / "runs.csv")) == 2

@@ -1,0 +1,38 @@
+"""Every melanoma-siamese command in the README parses with the real parser (behaviour is tested elsewhere)."""
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from melanoma_siamese.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line.startswith(("melanoma-siamese ", "python -m melanoma_siamese"))]
+
+
+def _fill(command: str) -> list[str]:
+    command = re.sub(r"\[([^\]]*)\]", r"\1", command)  # optional parts: keep them
+    command = command.replace("section.key=value ...", "siamese.epochs=1").replace("...", "")
+    words = shlex.split(command)
+    return words[1:] if words[0] == "melanoma-siamese" else words[3:]
+
+
+def test_readme_has_both_setup_commands():
+    text = (ROOT / "README.md").read_text()
+    assert "make demo" in text and "make test" in text
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("command", _readme_commands())
+def test_readme_command_parses(command):
+    words = _fill(command)
+    if words == ["--help"]:
+        return
+    build_parser().parse_args([w for w in words if w])
