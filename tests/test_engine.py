@@ -7,6 +7,7 @@ import torch
 from melanoma_siamese.engine import embed, sampled_triplet_loss, train_siamese_epoch, warmup_cosine
 from melanoma_siamese.losses import build_loss, build_miner
 from melanoma_siamese.models import Encoder
+from melanoma_siamese.train import TrainModule
 
 LOSSES = ["triplet", "contrastive", "multi_similarity", "supcon", "arcface"]
 MINERS = ["all", "semihard", "hard", "batch_hard", "multi_similarity"]
@@ -25,7 +26,7 @@ def _train(loss_name, mining, ce_weight=0.0, batches=None):
     loss = build_loss(loss_name, 0.2, 32)
     params = list(encoder.parameters()) + (list(loss.parameters()) if loss is not None else [])
     opt = torch.optim.Adam(params, lr=1e-3)
-    stats = train_siamese_epoch(encoder, batches if batches is not None else _batches(), "batch", loss,
+    stats = train_siamese_epoch(TrainModule(encoder, loss), batches if batches is not None else _batches(), "batch", loss,
                                 build_miner(mining, 0.2), loss_name, ce_weight, None, opt, None, torch.device("cpu"))
     return encoder, stats
 
@@ -55,7 +56,8 @@ def test_sampled_triplets_cost_three_passes_and_budget_stops():
     encoder = Encoder("resnet18", "none", 16)
     opt = torch.optim.Adam(encoder.parameters(), 1e-3)
     batches = [tuple(torch.randn(4, 3, 32, 32) for _ in range(3)) for _ in range(5)]
-    stats = train_siamese_epoch(encoder, batches, "sampled", sampled_triplet_loss(1.0), None, "triplet", 0.0, None,
+    stats = train_siamese_epoch(TrainModule(encoder, None), batches, "sampled", sampled_triplet_loss(1.0), None,
+                                "triplet", 0.0, None,
                                 opt, None, torch.device("cpu"), image_budget=24)
     assert stats["images"] == 24 and stats["steps"] == 2
 

@@ -12,11 +12,12 @@ from typing import Optional, Sequence
 from .checkpoint import CheckpointError
 from .config import ConfigError, Config, load_config
 from .data.metadata import DataError
+from .engine import Interrupted
 from .models import WeightsError
 
 PACKAGED_CONFIGS = ("default", "reference", "plain-ce", "demo")
 # Modules that add their own sub-commands: each has add_parser(subparsers, common) and sets `handler`.
-COMMAND_MODULES = ("compare",)
+COMMAND_MODULES = ("compare", "predict", "export", "serve")
 
 
 def config_path(name: Optional[str]) -> Path:
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run folder (default runs/<time>)")
     train.add_argument("--stage", choices=("all", "siamese", "classifier"), default="all",
                        help="classifier: reuse the run's siamese.pth and split, train stage 2 only")
+    train.add_argument("--resume", type=Path, metavar="RUN",
+                       help="continue RUN from its last completed epoch (its config, split and data)")
     _common(train)
 
     evaluate = sub.add_parser("evaluate", help="re-score a run on its saved split, or on another dataset")
@@ -113,11 +116,29 @@ def _source(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import run_train
 
+    if args.resume is not None:
+        run = args.resume
+        if not (run / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run}: not a run folder (config.yaml is missing)")
+        if args.config:
+            raise ConfigError("--resume uses the run's own config.yaml; --config is not accepted (use --set)")
+        config = resolve_config(args, base=run / "config.yaml")
+        source = _source(args) if (args.data or args.metadata) else _saved_source(run)
+        run_train(config, source, run, args.stage, resume=True)
+        print(f"Run folder: {run}")
+        return 0
     config = resolve_config(args)
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_train(config, _source(args), out, args.stage)
     print(f"Run folder: {out}")
     return 0
+
+
+def _saved_source(run: Path):
+    from .train import DataSource
+
+    saved = json.loads((run / "run.json").read_text())["source"]
+    return DataSource(*(Path(saved[k]) if saved[k] else None for k in ("data", "metadata", "images")))
 
 
 def cmd_evaluate(args: argparse.Namespace, log=print) -> int:
@@ -136,8 +157,7 @@ def cmd_evaluate(args: argparse.Namespace, log=print) -> int:
     if external:
         source = _source(args)
     else:
-        saved = json.loads((run / "run.json").read_text())["source"]
-        source = DataSource(*(Path(saved[k]) if saved[k] else None for k in ("data", "metadata", "images")))
+        source = _saved_source(run)
     d = config.data
     prepared = load_and_validate(source.data, source.metadata, source.images, d.image_size, d.skip_bad_images,
                                  Path(d.cache_dir) if d.cache_dir else None, max(1, config.runtime.num_workers) * 2,
@@ -189,6 +209,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "synth": cmd_synth}
     try:
         return handlers[args.command](args) if args.command in handlers else args.handler(args)
+    except Interrupted as exc:
+        signum = int(exc.args[0]) if exc.args else 15
+        print(f"Interrupted by signal {signum}: the last completed epoch is kept in RUN/state/siamese_last.pth; "
+              "continue with: melanoma-siamese train --resume RUN", file=sys.stderr)
+        return 128 + signum
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
     except (ConfigError, WeightsError, CheckpointError) as exc:

@@ -119,8 +119,18 @@ class EvalConfig:
 class RuntimeConfig:
     device: str = "auto"
     seed: int = 0
+    # DataLoader workers for per-sample pipelines (the reference's sampled triplets) and decoding.
     num_workers: int = 2
     progress: bool = True
+    # In-batch recipes: gather uint8 batches from the cache and augment them as tensors on the device.
+    batch_augment: bool = True
+    # Keep the training images on the GPU when they fit (auto), or always stream from pinned memory (off).
+    gpu_cache: str = "auto"
+    # auto: bf16 autocast on GPUs that support it, else fp16 with a gradient scaler; fp32 on CPU.
+    amp: str = "auto"
+    # auto: channels_last on CUDA only.
+    channels_last: str = "auto"
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,9 @@ CHOICES = {
     "classifier.class_weight": ("balanced", "none"),
     "evaluation.threshold": ("youden", "sensitivity", "fixed"),
     "runtime.device": ("auto", "cpu", "cuda"),
+    "runtime.amp": ("auto", "off", "bf16", "fp16"),
+    "runtime.gpu_cache": ("auto", "off"),
+    "runtime.channels_last": ("auto", "on", "off"),
 }
 
 

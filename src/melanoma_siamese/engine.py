@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -65,8 +66,12 @@ def sampled_triplet_loss(margin: float) -> nn.Module:
     return nn.TripletMarginLoss(margin=margin)
 
 
+class Interrupted(Exception):
+    """SIGTERM/SIGINT arrived: the epoch was abandoned at a batch boundary."""
+
+
 def train_siamese_epoch(
-    encoder: nn.Module,
+    model: nn.Module,
     batches: Iterable,
     mode: str,
     metric_loss: Optional[nn.Module],
@@ -80,48 +85,69 @@ def train_siamese_epoch(
     image_budget: Optional[int] = None,
     progress: bool = False,
     desc: str = "[Siamese] train",
+    autocast_dtype: Optional[torch.dtype] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    on_batch: Optional[Callable[[int], None]] = None,
+    stop: Optional[dict] = None,
+    distributed: bool = False,
 ) -> dict:
     """One pass over `batches`; stops early once `image_budget` backbone passes are spent.
 
-    mode 'sampled': batches are (anchor, positive, negative) image tensors; three passes per triplet.
-    Otherwise batches are (images, labels, rows): each image embedded once, pairs/triplets mined in-batch.
+    `model(images)` returns (embeddings, CE logits or None). mode 'sampled': batches are (anchor,
+    positive, negative) image tensors, three passes per triplet. Otherwise batches are (images, labels,
+    rows): each image embedded once, pairs/triplets mined in-batch.
     """
-    encoder.train()
+    model.train()
     total, count, images_seen, mined, empty = 0.0, 0, 0, 0, 0
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
-    for batch in bar:
+    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
+    for index, batch in enumerate(bar):
         if image_budget is not None and images_seen >= image_budget:
             break
-        if mode == "sampled":
-            anchor, positive, negative = (t.to(device, non_blocking=True) for t in batch)
-            n = len(anchor)
-            emb = encoder(torch.cat([anchor, positive, negative]))
-            loss = metric_loss(emb[:n], emb[n:2 * n], emb[2 * n:])
-            images_seen += 3 * n
-            mined_now = n
-        else:
-            images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-            emb = encoder(images)
-            images_seen += len(images)
-            loss = emb.new_zeros(())
-            mined_now = len(labels)
-            if metric_loss is not None:
-                indices = miner(emb, labels) if miner is not None else None
-                mined_now = count_mined(loss_name, indices, labels)
-                if mined_now:
-                    loss = loss + metric_loss(emb, labels, indices) if indices is not None else \
-                        loss + metric_loss(emb, labels)
-            if ce_weight > 0:
-                logits = encoder.head(emb)
-                loss = loss + ce_weight * F.cross_entropy(logits, labels, weight=ce_class_weight)
+        if on_batch is not None:
+            on_batch(index)
+        if stop is not None and stop.get("signal"):
+            raise Interrupted(stop["signal"])
+        with autocast():
+            if mode == "sampled":
+                anchor, positive, negative = (t.to(device, non_blocking=True) for t in batch)
+                n = len(anchor)
+                emb, _ = model(torch.cat([anchor, positive, negative]))
+                emb = emb.float()
+                loss = metric_loss(emb[:n], emb[n:2 * n], emb[2 * n:])
+                images_seen += 3 * n
+                mined_now = n
+            else:
+                images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+                emb, logits = model(images)
+                emb = emb.float()
+                images_seen += len(images)
+                loss = emb.new_zeros(())
+                mined_now = len(labels)
+                if metric_loss is not None:
+                    indices = miner(emb, labels) if miner is not None else None
+                    mined_now = count_mined(loss_name, indices, labels)
+                    if mined_now:
+                        loss = loss + (metric_loss(emb, labels, indices) if indices is not None
+                                       else metric_loss(emb, labels))
+                if ce_weight > 0:
+                    loss = loss + ce_weight * F.cross_entropy(logits.float(), labels, weight=ce_class_weight)
         mined += mined_now
         if not loss.requires_grad or not torch.isfinite(loss):
             # No pair/triplet in this batch (rare class absent or nothing violates the margin): no step.
             empty += 1
-            continue
+            if not distributed:
+                continue
+            # Under DDP every rank must run backward, or the gradient all-reduce waits forever.
+            loss = emb.sum() * 0.0
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         total += float(loss.detach())

@@ -1,13 +1,17 @@
 """Both training stages, and the run that ties data, stages and evaluation together."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import os
 import platform
 import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +20,18 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from . import plots
-from .checkpoint import atomic_save, load_model, save_model
+from .augment import BatchAugment
+from .checkpoint import atomic_save, load_model, load_training_state, rng_state, save_model, set_rng_state
 from .config import Config, dump_yaml
 from .data.images import CachedImages, TripletImages, sample_triplets, to_chw, train_transform
-from .data.prepare import Prepared, assign_split, load_and_validate, write_split
+from .data.prepare import Prepared, apply_saved_split, assign_split, load_and_validate, write_split
 from .data.sampler import BalancedBatchSampler
+from .distributed import Dist, all_gather_objects, init_from_env, shutdown
 from .engine import (embed, embedding_loss, evaluate_classifier, resolve_device, sampled_triplet_loss,
                      train_classifier_epoch, train_siamese_epoch, warmup_cosine)
 from .losses import build_loss, build_miner
@@ -102,16 +110,26 @@ def _label_of_rows(prepared: Prepared) -> dict[int, int]:
     return dict(zip(prepared.table["row"], prepared.table["target"]))
 
 
+def _sharded_embed(encoder: Encoder, prepared: Prepared, rows: np.ndarray, config: Config, device: torch.device,
+                   d: Dist) -> np.ndarray:
+    """Each rank embeds every world_size-th row; the pieces are gathered back in order on every rank."""
+    dd = config.data
+    mine = embed(encoder, prepared.array, rows[d.rank::d.world_size], dd.mean, dd.std, device)
+    pieces = all_gather_objects(mine, d)
+    out = np.zeros((len(rows), mine.shape[1]), dtype=np.float32)
+    for rank, piece in enumerate(pieces):
+        out[rank::d.world_size] = piece
+    return out
+
+
 def validate_encoder(encoder: Encoder, prepared: Prepared, config: Config, device: torch.device, ref_rows: np.ndarray,
-                     loss_parts: tuple) -> dict:
+                     loss_parts: tuple, d: Dist = Dist()) -> dict:
     """Validation by what matters: kNN ROC AUC and retrieval on the val part, beside the loss."""
-    d = config.data
     row_label = _label_of_rows(prepared)
-    val_rows = prepared.rows("val")
     val_labels = prepared.labels("val")
     ref_labels = np.array([row_label[r] for r in ref_rows])
-    val_emb = embed(encoder, prepared.array, val_rows, d.mean, d.std, device)
-    ref_emb = embed(encoder, prepared.array, ref_rows, d.mean, d.std, device)
+    val_emb = _sharded_embed(encoder, prepared, prepared.rows("val"), config, device, d)
+    ref_emb = _sharded_embed(encoder, prepared, ref_rows, config, device, d)
     probs = knn_probabilities(val_emb, ref_emb, ref_labels, config.evaluation.knn_k)
     mode, metric_loss, miner = loss_parts
     val_loss = embedding_loss(torch.as_tensor(val_emb, device=device), torch.as_tensor(val_labels, device=device),
@@ -123,11 +141,101 @@ def validate_encoder(encoder: Encoder, prepared: Prepared, config: Config, devic
     return out
 
 
-def train_siamese(config: Config, prepared: Prepared, device: torch.device, run_dir: Path, log: Log) -> tuple[Encoder, list[dict]]:
-    s, d, rt = config.siamese, config.data, config.runtime
+class TrainModule(nn.Module):
+    """What one training step runs (and DDP wraps): the encoder, its CE head, and any loss parameters."""
+
+    def __init__(self, encoder: Encoder, metric_loss: Optional[nn.Module]):
+        super().__init__()
+        self.encoder = encoder
+        has_params = metric_loss is not None and any(True for _ in metric_loss.parameters())
+        self.loss_params = metric_loss if has_params else None
+
+    def forward(self, images: torch.Tensor):
+        emb = self.encoder(images)
+        return emb, (self.encoder.head(emb) if self.encoder.head is not None else None)
+
+
+def precision_settings(runtime, device: torch.device) -> tuple[Optional[torch.dtype], bool, bool]:
+    """(autocast dtype or None, use a gradient scaler, channels_last), resolved for the device."""
+    amp = runtime.amp
+    if amp == "auto":
+        amp = "off" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    channels_last = runtime.channels_last == "on" or (runtime.channels_last == "auto" and device.type == "cuda")
+    return dtype, amp == "fp16", channels_last
+
+
+class CacheBatches:
+    """Training batches gathered from the uint8 cache and augmented as tensors on the device.
+
+    Where the training images fit in GPU memory they are copied there once and gathered there;
+    otherwise each uint8 batch is gathered on the CPU and sent from pinned memory.
+    """
+
+    def __init__(self, prepared: Prepared, rows: np.ndarray, labels: np.ndarray, augment: BatchAugment,
+                 device: torch.device, gpu_cache: str, channels_last: bool):
+        self.array, self.rows, self.augment, self.device = prepared.array, rows, augment, device
+        self.labels = torch.as_tensor(labels).to(device)
+        self.channels_last = channels_last
+        self.on_device = None
+        if device.type == "cuda" and gpu_cache == "auto":
+            free, _ = torch.cuda.mem_get_info(device)
+            if self.array[0].nbytes * len(rows) < 0.5 * free:
+                self.on_device = torch.from_numpy(np.ascontiguousarray(self.array[np.sort(rows)])).to(device)
+                self.position = np.searchsorted(np.sort(rows), rows)
+
+    def epoch(self, batches: list[np.ndarray], generator: torch.Generator):
+        for idx in batches:
+            if self.on_device is not None:
+                pixels = self.on_device[torch.as_tensor(self.position[idx], device=self.device)]
+            else:
+                pixels = torch.from_numpy(np.asarray(self.array[self.rows[idx]]))
+                if self.device.type == "cuda":
+                    pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+            images = self.augment(pixels, generator)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, self.labels[torch.as_tensor(idx, device=self.device)], idx
+
+
+def _fault_hook(epoch: int) -> Optional[Callable[[int], None]]:
+    """Fault injection for the resume tests: MELANOMA_SIAMESE_FAULT_AT=EPOCH:BATCH[:SIGNAL] sends this
+    process SIGNAL (default SIGKILL) just before that batch."""
+    spec = os.environ.get("MELANOMA_SIAMESE_FAULT_AT")
+    if not spec:
+        return None
+    parts = spec.split(":")
+    at_epoch, at_batch = int(parts[0]), int(parts[1])
+    signum = getattr(signal, parts[2]) if len(parts) > 2 else signal.SIGKILL
+    if at_epoch != epoch:
+        return None
+    return lambda index: os.kill(os.getpid(), signum) if index == at_batch else None
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM/SIGINT set a flag the loop checks between batches (the last epoch's checkpoint is kept)."""
+    flag: dict = {"signal": None}
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda signum, frame: flag.update(signal=signum))
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train_siamese(config: Config, prepared: Prepared, device: torch.device, run_dir: Path, log: Log,
+                  resume: Optional[dict] = None, d: Dist = Dist()) -> tuple[Encoder, list[dict]]:
+    s, dc, rt = config.siamese, config.data, config.runtime
     seed_everything(rt.seed)
     encoder = Encoder(config.model.backbone, config.model.pretrained, config.model.embedding_dim,
                       ce_head=s.ce_weight > 0).to(device)
+    autocast_dtype, use_scaler, channels_last = precision_settings(rt, device)
+    if channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
     mode = "sampled" if s.mining == "sampled" else "batch"
     metric_loss = sampled_triplet_loss(s.margin) if mode == "sampled" else build_loss(s.loss, s.margin,
                                                                                        config.model.embedding_dim)
@@ -136,9 +244,14 @@ def train_siamese(config: Config, prepared: Prepared, device: torch.device, run_
     miner = build_miner(s.mining, s.margin) if mode == "batch" else None
     extra = list(metric_loss.parameters()) if metric_loss is not None else []
     optimizer = _optimizer(config, encoder, extra)
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    module: nn.Module = TrainModule(encoder, metric_loss)
+    if d.enabled:
+        module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    if rt.compile:
+        module = torch.compile(module)
 
     train_rows, train_labels = prepared.rows("train"), prepared.labels("train")
-    transform = train_transform(d.image_size, d.mean, d.std, d.augment)
     epoch_images = s.epoch_images or len(train_rows)
     passes_per_epoch = 3 * epoch_images if mode == "sampled" else epoch_images
     max_epochs = s.epochs
@@ -156,58 +269,108 @@ def train_siamese(config: Config, prepared: Prepared, device: torch.device, run_
     if s.ce_weight > 0 and s.ce_class_weight:
         counts = np.bincount(train_labels, minlength=2).astype(float)
         class_weight = torch.tensor(len(train_labels) / (2 * np.maximum(counts, 1)), dtype=torch.float32, device=device)
-    sampler = BalancedBatchSampler(train_labels, s.batch_size, rt.seed, s.balanced, epoch_images) if mode == "batch" else None
+    sampler = BalancedBatchSampler(train_labels, s.batch_size, rt.seed, s.balanced, epoch_images,
+                                   d.rank, d.world_size) if mode == "batch" else None
+    transform = train_transform(dc.image_size, dc.mean, dc.std, dc.augment)
+    cache_batches = None
+    if mode == "batch" and rt.batch_augment:
+        cache_batches = CacheBatches(prepared, train_rows, train_labels,
+                                     BatchAugment(dc.image_size, dc.mean, dc.std, dc.augment), device, rt.gpu_cache,
+                                     channels_last)
     ref_rows = _validation_reference(prepared, s.val_reference_max, rt.seed)
     loss_parts = (mode, metric_loss, miner)
-
-    history = [{"epoch": 0, "images_seen": 0, **validate_encoder(encoder, prepared, config, device, ref_rows, loss_parts)}]
-    log(f"[Siamese] untrained encoder: val_knn_auc={history[0]['knn_auc']:.4f} "
-        f"precision@1={history[0]['precision_at_1']:.4f}")
+    state_file = run_dir / "state" / "siamese_last.pth"
     lower_is_better = s.monitor == "val_loss"
-    best_value, best_state, best_epoch, waited = None, None, 0, 0
-    images_seen, start = 0, time.time()
-    for epoch in range(1, max_epochs + 1):
-        budget_left = s.budget_images - images_seen if s.budget_images else None
-        loader_seed = torch.Generator().manual_seed(rt.seed * 100003 + epoch)
-        workers = rt.num_workers
-        if mode == "sampled":
-            rng = np.random.default_rng([rt.seed, epoch])
-            triplets = sample_triplets(train_rows, train_labels, epoch_images, s.balanced, rng)
-            loader = DataLoader(TripletImages(prepared.array, triplets, transform), batch_size=s.batch_size,
-                                shuffle=False, num_workers=workers, generator=loader_seed,
-                                pin_memory=device.type == "cuda", drop_last=True)
-        else:
-            sampler.set_epoch(epoch)
-            loader = DataLoader(CachedImages(prepared.array, train_rows, train_labels, transform),
-                                batch_sampler=[[int(i) for i in b] for b in sampler.batches()],
-                                num_workers=workers, generator=loader_seed, pin_memory=device.type == "cuda")
-        stats = train_siamese_epoch(encoder, loader, mode, metric_loss, miner, s.loss, s.ce_weight, class_weight,
-                                    optimizer, scheduler, device, budget_left, rt.progress,
-                                    desc=f"[Siamese] Epoch {epoch}/{max_epochs}")
-        images_seen += stats["images"]
-        val = validate_encoder(encoder, prepared, config, device, ref_rows, loss_parts)
-        value = val[s.monitor]
-        improved = best_value is None or (value < best_value if lower_is_better else value > best_value)
-        if improved:
-            best_value, best_epoch, waited = value, epoch, 0
-            best_state = copy.deepcopy(encoder.state_dict())
-            save_model(encoder, run_dir / "models" / "siamese.pth", epoch=epoch, monitor=s.monitor, value=value)
-        else:
-            waited += 1
-        entry = {"epoch": epoch, **stats, **val, "images_seen": images_seen, "best": improved,
-                 "seconds": time.time() - start}
-        history.append(entry)
-        log(f"[Siamese] Epoch {epoch}/{max_epochs} train_loss={stats['train_loss']:.4f} val_loss={val['val_loss']:.4f} "
-            f"val_knn_auc={val['knn_auc']:.4f} p@1={val['precision_at_1']:.4f} map@r={val['map_at_r']:.4f} "
-            f"mined={stats['mined']} empty_batches={stats['empty_batches']}" + (" *" if improved else ""))
-        if waited >= s.patience:
-            log(f"[Siamese] early stop: {s.monitor} has not improved for {s.patience} epochs (best epoch {best_epoch})")
-            break
-        if s.budget_images and images_seen >= s.budget_images:
-            log(f"[Siamese] image budget of {s.budget_images} backbone passes spent")
-            break
-    if best_state is not None:
-        encoder.load_state_dict(best_state)
+
+    if resume is None:
+        history = [{"epoch": 0, "images_seen": 0,
+                    **validate_encoder(encoder, prepared, config, device, ref_rows, loss_parts, d)}]
+        log(f"[Siamese] untrained encoder: val_knn_auc={history[0]['knn_auc']:.4f} "
+            f"precision@1={history[0]['precision_at_1']:.4f}")
+        best = {"value": None, "epoch": 0, "waited": 0, "state_dict": None}
+        images_seen, first_epoch, elapsed = 0, 1, 0.0
+    else:
+        encoder.load_state_dict(resume["model"])
+        if metric_loss is not None and resume.get("loss"):
+            metric_loss.load_state_dict(resume["loss"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        history, best, images_seen = resume["history"], resume["best"], resume["images_seen"]
+        first_epoch, elapsed = resume["epoch"] + 1, history[-1].get("seconds", 0.0)
+        set_rng_state(resume["rng"])
+        log(f"[Siamese] resumed after epoch {resume['epoch']} from {state_file}")
+    finished = resume is not None and resume.get("done", False)
+    start = time.time() - elapsed
+    with stop_on_signals() as stop:
+        for epoch in range(first_epoch, max_epochs + 1):
+            if finished:
+                break
+            budget_left = s.budget_images - images_seen if s.budget_images else None
+            loader_seed = torch.Generator().manual_seed(rt.seed * 100003 + epoch)
+            if mode == "sampled":
+                rng = np.random.default_rng([rt.seed, epoch])
+                triplets = sample_triplets(train_rows, train_labels, epoch_images, s.balanced, rng)
+                if d.enabled:
+                    triplets = triplets[d.rank::d.world_size]
+                batches = DataLoader(TripletImages(prepared.array, triplets, transform),
+                                     batch_size=s.batch_size // d.world_size, shuffle=False,
+                                     num_workers=rt.num_workers, generator=loader_seed,
+                                     pin_memory=device.type == "cuda", drop_last=True)
+            elif cache_batches is not None:
+                sampler.set_epoch(epoch)
+                batches = cache_batches.epoch(sampler.batches(),
+                                              torch.Generator().manual_seed(rt.seed * 100003 + epoch * 131 + d.rank))
+            else:
+                sampler.set_epoch(epoch)
+                batches = DataLoader(CachedImages(prepared.array, train_rows, train_labels, transform),
+                                     batch_sampler=[[int(i) for i in b] for b in sampler.batches()],
+                                     num_workers=rt.num_workers, generator=loader_seed,
+                                     pin_memory=device.type == "cuda")
+            stats = train_siamese_epoch(module, batches, mode, metric_loss, miner, s.loss, s.ce_weight, class_weight,
+                                        optimizer, scheduler, device,
+                                        None if budget_left is None else math.ceil(budget_left / d.world_size),
+                                        rt.progress and d.main, f"[Siamese] Epoch {epoch}/{max_epochs}",
+                                        autocast_dtype, scaler, _fault_hook(epoch), stop, d.enabled)
+            images_seen += stats["images"] * d.world_size
+            val = validate_encoder(encoder, prepared, config, device, ref_rows, loss_parts, d)
+            value = val[s.monitor]
+            improved = best["value"] is None or (value < best["value"] if lower_is_better else value > best["value"])
+            if improved:
+                best = {"value": value, "epoch": epoch, "waited": 0,
+                        "state_dict": copy.deepcopy(encoder.state_dict())}
+                if d.main:
+                    save_model(encoder, run_dir / "models" / "siamese.pth", epoch=epoch, monitor=s.monitor,
+                               value=value)
+            else:
+                best["waited"] += 1
+            history.append({"epoch": epoch, **stats, **val, "images_seen": images_seen, "best": improved,
+                            "seconds": time.time() - start})
+            log(f"[Siamese] Epoch {epoch}/{max_epochs} train_loss={stats['train_loss']:.4f} "
+                f"val_loss={val['val_loss']:.4f} val_knn_auc={val['knn_auc']:.4f} p@1={val['precision_at_1']:.4f} "
+                f"map@r={val['map_at_r']:.4f} mined={stats['mined']} empty_batches={stats['empty_batches']}"
+                + (" *" if improved else ""))
+            finished = epoch == max_epochs
+            if best["waited"] >= s.patience:
+                log(f"[Siamese] early stop: {s.monitor} has not improved for {s.patience} epochs "
+                    f"(best epoch {best['epoch']})")
+                finished = True
+            if s.budget_images and images_seen >= s.budget_images:
+                log(f"[Siamese] image budget of {s.budget_images} backbone passes spent")
+                finished = True
+            if d.main:
+                atomic_save({"format": 1, "stage": "siamese", "epoch": epoch, "done": finished,
+                             "model": encoder.state_dict(),
+                             "loss": metric_loss.state_dict() if metric_loss is not None else {},
+                             "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                             "scaler": scaler.state_dict() if scaler is not None else {},
+                             "history": history, "best": best, "images_seen": images_seen, "rng": rng_state()},
+                            state_file)
+    if best["state_dict"] is not None:
+        encoder.load_state_dict(best["state_dict"])
     return encoder, history
 
 
@@ -281,48 +444,69 @@ def input_sample(config: Config, prepared: Prepared, path: Path) -> None:
     plots.image_grid(np.stack(images), titles, path, f"Augmented training input ({d.image_size} px)")
 
 
-def run_train(config: Config, source: DataSource, run_dir: Path, stage: str = "all", log: Log = print) -> dict:
-    """Validate data, split, train the requested stage(s), evaluate; return the metrics."""
+def run_train(config: Config, source: DataSource, run_dir: Path, stage: str = "all", log: Log = print,
+              resume: bool = False) -> dict:
+    """Validate data, split, train the requested stage(s), evaluate; return the metrics.
+
+    Under torchrun every rank validates and splits alike (so the split is the single-process one),
+    trains its share of each batch, and only rank 0 writes files, prints and runs stage 2.
+    """
     from .evaluate import evaluate_run
 
+    d = init_from_env(config.runtime.device)
+    if not d.main:
+        log = lambda line: None  # noqa: E731
     run_dir = Path(run_dir)
     prepared = load_and_validate(source.data, source.metadata, source.images, config.data.image_size,
                                  config.data.skip_bad_images, Path(config.data.cache_dir) if config.data.cache_dir else None,
-                                 max(1, config.runtime.num_workers) * 2, config.runtime.progress, log)
+                                 max(1, config.runtime.num_workers) * 2, config.runtime.progress and d.main, log)
     split_file = run_dir / "split.csv"
-    if stage == "classifier" and split_file.is_file():
-        from .data.prepare import apply_saved_split
+    state_file = run_dir / "state" / "siamese_last.pth"
+    resume_state = load_training_state(state_file) if resume else None
+    if (stage == "classifier" or resume) and split_file.is_file():
         apply_saved_split(prepared, split_file)
     else:
         split_seed = config.data.split_seed if config.data.split_seed is not None else config.runtime.seed
         assign_split(prepared, config.data.val_fraction, config.data.test_fraction, split_seed,
                      config.data.train_melanoma_fraction)
     device = resolve_device(config.runtime.device)
-    log(f"Device: {device}")
-    (run_dir / "models").mkdir(parents=True, exist_ok=True)
-    (run_dir / "images").mkdir(exist_ok=True)
-    if len(prepared.skipped):
-        prepared.skipped.to_csv(run_dir / "skipped_images.csv", index=False)
-        log(f"Skipped {len(prepared.skipped)} bad image(s); their ids and reasons: {run_dir / 'skipped_images.csv'}")
-    write_split(prepared, split_file)
-    (run_dir / "config.yaml").write_text(dump_yaml(config))
+    if d.enabled and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+    log(f"Device: {device}" + (f" (rank 0 of {d.world_size} processes)" if d.enabled else ""))
+    if d.main:
+        (run_dir / "models").mkdir(parents=True, exist_ok=True)
+        (run_dir / "images").mkdir(exist_ok=True)
+        if len(prepared.skipped):
+            prepared.skipped.to_csv(run_dir / "skipped_images.csv", index=False)
+            log(f"Skipped {len(prepared.skipped)} bad image(s); their ids and reasons: "
+                f"{run_dir / 'skipped_images.csv'}")
+        write_split(prepared, split_file)
+        (run_dir / "config.yaml").write_text(dump_yaml(config))
     info = run_info(config, device, source, prepared)
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+    info["world_size"] = d.world_size
     parts = ", ".join(f"{k} {v['images']} ({v['melanoma']} melanoma)" for k, v in info["parts"].items())
     log(f"Data: {prepared.dataset.layout} layout, {len(prepared.table)} images; split by patient: {parts}")
-    input_sample(config, prepared, run_dir / "images" / "input_sample.png")
+    if d.main:
+        (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+        input_sample(config, prepared, run_dir / "images" / "input_sample.png")
 
-    baseline = None
     if stage in ("all", "siamese"):
         start = time.time()
-        encoder, history = train_siamese(config, prepared, device, run_dir, log)
+        try:
+            encoder, history = train_siamese(config, prepared, device, run_dir, log, resume_state, d)
+        finally:
+            if not d.main:
+                shutdown(d)
+        if not d.main:
+            return {}
+        shutdown(d)
         write_history(history, run_dir / "history_siamese.jsonl")
         plots.loss_curves(history[1:], run_dir / "images" / "siamese_loss.png", "Stage 1: Siamese encoder")
         plots.validation_metrics(history, ("knn_auc", "precision_at_1", "map_at_r", "same_class_similarity",
                                            "other_class_similarity"), run_dir / "images" / "val_metrics.png")
+        seconds = history[-1].get("seconds", time.time() - start)
         baseline = {"untrained_encoder_test_knn_auc": untrained_test_knn_auc(config, prepared, device),
-                    "siamese_seconds": time.time() - start,
-                    "backbone_image_passes": history[-1]["images_seen"]}
+                    "siamese_seconds": seconds, "backbone_image_passes": history[-1]["images_seen"]}
         (run_dir / "baseline.json").write_text(json.dumps(baseline, indent=2))
         if stage == "siamese":
             return {"baseline": baseline}

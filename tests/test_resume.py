@@ -1,0 +1,85 @@
+"""Fault tolerance: SIGKILL mid-epoch, resume, and end bit for bit where an uninterrupted run ends."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from melanoma_siamese.checkpoint import CheckpointError, load_training_state
+
+from conftest import set_args
+
+ARGS = set_args() + ["--set", "siamese.epochs=3", "--set", "siamese.patience=10", "--seed", "0"]
+
+
+def _train(*extra, env=None):
+    return subprocess.run([sys.executable, "-m", "melanoma_siamese", "train", *extra], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(tiny_data, tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert _train("--data", str(tiny_data), "--out", str(straight), *ARGS).returncode == 0
+    killed = _train("--data", str(tiny_data), "--out", str(broken), *ARGS,
+                    env={"MELANOMA_SIAMESE_FAULT_AT": "2:2"})
+    assert killed.returncode == -signal.SIGKILL
+    assert load_training_state(broken / "state" / "siamese_last.pth")["epoch"] == 1
+    resumed = _train("--resume", str(broken))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed after epoch 1" in resumed.stdout
+    a = load_training_state(straight / "state" / "siamese_last.pth")
+    b = load_training_state(broken / "state" / "siamese_last.pth")
+    assert a["epoch"] == b["epoch"] == 3
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for name in ("siamese.pth", "classifier.pth"):
+        sa = torch.load(straight / "models" / name, weights_only=True)["state_dict"]
+        sb = torch.load(broken / "models" / name, weights_only=True)["state_dict"]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ma = json.loads((straight / "metrics.json").read_text())
+    mb = json.loads((broken / "metrics.json").read_text())
+    assert ma["test"] == mb["test"] and ma["knn"]["test"] == mb["knn"]["test"]
+
+
+def test_state_holds_every_rng_and_loads_weights_only(tmp_path):
+    from melanoma_siamese.checkpoint import atomic_save, rng_state, set_rng_state
+    from melanoma_siamese.train import seed_everything
+
+    seed_everything(3)  # the library's generator becomes its own RandomState, as in training
+    state = rng_state()
+    atomic_save({"stage": "siamese", "model": {}, "rng": state}, tmp_path / "s.pth")
+    loaded = load_training_state(tmp_path / "s.pth")
+    import random
+
+    import numpy as np
+    from pytorch_metric_learning.utils import common_functions
+
+    expected = (torch.rand(2), np.random.rand(2), random.random(), common_functions.NUMPY_RANDOM.rand())
+    set_rng_state(loaded["rng"])
+    got = (torch.rand(2), np.random.rand(2), random.random(), common_functions.NUMPY_RANDOM.rand())
+    assert torch.equal(expected[0], got[0]) and (expected[1] == got[1]).all()
+    assert expected[2] == got[2] and expected[3] == got[3]
+
+
+def test_truncated_state_is_named(tmp_path):
+    path = tmp_path / "state.pth"
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_training_state(path)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        load_training_state(tmp_path / "absent.pth")
+
+
+def test_sigterm_stops_at_a_batch_and_says_how_to_resume(tiny_data, tmp_path):
+    """SIGTERM during training: exit 143, the last completed epoch kept, resumable."""
+    run = tmp_path / "run"
+    stopped = _train("--data", str(tiny_data), "--out", str(run), *ARGS,
+                     env={"MELANOMA_SIAMESE_FAULT_AT": "2:1:SIGTERM"})
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert "--resume" in stopped.stderr
+    assert load_training_state(run / "state" / "siamese_last.pth")["epoch"] == 1
+    assert not (run / "metrics.json").exists()
