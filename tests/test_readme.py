@@ -14,7 +14,13 @@ def _readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
-    return [line for line in lines if line.startswith(("melanoma-siamese ", "python -m melanoma_siamese"))]
+    out = []
+    for line in lines:
+        if " -m melanoma_siamese " in line and line.startswith("torchrun"):
+            line = "melanoma-siamese " + line.split(" -m melanoma_siamese ", 1)[1]
+        if line.startswith(("melanoma-siamese ", "python -m melanoma_siamese")):
+            out.append(line)
+    return out
 
 
 def _fill(command: str) -> list[str]:

@@ -19,11 +19,13 @@ def test_balanced_batches_every_benign_seen_and_seeded():
 
 
 def test_ranks_get_disjoint_balanced_shares():
-    labels = np.array([0] * 60 + [1] * 60)
+    labels = np.array([0] * 60 + [1] * 12)
     shares = [BalancedBatchSampler(labels, 8, seed=1, rank=r, world_size=2).batches() for r in (0, 1)]
     for a, b in zip(*shares):
-        assert not set(a) & set(b)
-        assert labels[a].sum() == 2 and labels[b].sum() == 2
+        assert len(a) == len(b) == 4 and labels[a].sum() == 2 and labels[b].sum() == 2
+    seen = [set(np.concatenate(s)) for s in shares]
+    assert not seen[0] & seen[1]  # disjoint over the whole epoch, melanoma cycling included
+    assert set(range(60, 72)) <= seen[0] | seen[1]  # every melanoma image seen
 
 
 def test_unbalanced_mode_is_a_permutation():

@@ -17,7 +17,7 @@ from .models import WeightsError
 
 PACKAGED_CONFIGS = ("default", "reference", "plain-ce", "demo")
 # Modules that add their own sub-commands: each has add_parser(subparsers, common) and sets `handler`.
-COMMAND_MODULES = ("compare", "predict", "export", "serve")
+COMMAND_MODULES = ("compare", "predict", "export", "serve", "bench")
 
 
 def config_path(name: Optional[str]) -> Path:

@@ -212,6 +212,22 @@ def _fault_hook(epoch: int) -> Optional[Callable[[int], None]]:
     return lambda index: os.kill(os.getpid(), signum) if index == at_batch else None
 
 
+def _write_trace(folder: Path, d: Dist, epoch: int, sampler: Optional[BalancedBatchSampler],
+                 triplets: Optional[np.ndarray], train_rows: np.ndarray, encoder: Encoder) -> None:
+    """Debug trace (MELANOMA_SIAMESE_TRACE=DIR): the cache rows this rank was given in the epoch and a
+    checksum of its parameters, so a test can check DDP shares and synchronisation from outside."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if triplets is not None:
+        rows = triplets.ravel()
+    else:
+        rows = train_rows[np.concatenate(sampler.batches())]
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten().cpu() for p in encoder.parameters()])
+    (folder / f"rank{d.rank}_epoch{epoch}.json").write_text(json.dumps(
+        {"rank": d.rank, "world_size": d.world_size, "rows": [int(r) for r in rows],
+         "param_sum": float(flat.sum()), "param_head": [float(v) for v in flat[:8]]}))
+
+
 @contextlib.contextmanager
 def stop_on_signals():
     """SIGTERM/SIGINT set a flag the loop checks between batches (the last epoch's checkpoint is kept)."""
@@ -360,6 +376,10 @@ def train_siamese(config: Config, prepared: Prepared, device: torch.device, run_
             if s.budget_images and images_seen >= s.budget_images:
                 log(f"[Siamese] image budget of {s.budget_images} backbone passes spent")
                 finished = True
+            trace = os.environ.get("MELANOMA_SIAMESE_TRACE")
+            if trace:
+                _write_trace(Path(trace), d, epoch, sampler, triplets if mode == "sampled" else None, train_rows,
+                             encoder)
             if d.main:
                 atomic_save({"format": 1, "stage": "siamese", "epoch": epoch, "done": finished,
                              "model": encoder.state_dict(),

@@ -16,7 +16,8 @@ class BalancedBatchSampler:
     """Yields lists of dataset indices. An epoch is `epoch_images` images (default: the dataset's size).
 
     balanced=True: each batch holds batch_size/2 of each class. balanced=False: plain shuffled batches.
-    `rank`/`world_size` give each process its own disjoint share of every batch (DDP).
+    `rank`/`world_size` give each process a disjoint share of the epoch (DDP): with balanced batches
+    each process cycles through its own part of each class.
     """
 
     def __init__(self, labels: Sequence[int], batch_size: int, seed: int, balanced: bool = True,
@@ -37,20 +38,32 @@ class BalancedBatchSampler:
     def __len__(self) -> int:
         return max(1, self.epoch_images // self.batch_size)
 
-    def _stream(self, pool: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-        repeats = -(-count // len(pool))
-        return np.concatenate([rng.permutation(pool) for _ in range(repeats)])[:count]
+    def _stream(self, pool: np.ndarray, count: int, epoch_rng: np.random.Generator, key: int) -> np.ndarray:
+        """`count` indices for this rank: its own slice of a shuffled pool, cycled in fresh permutations.
+
+        The pool is shuffled with the generator every rank shares, then split between ranks, so no two
+        ranks see the same image in an epoch; the cycling uses a per-rank generator.
+        """
+        mine = epoch_rng.permutation(pool)[self.rank::self.world_size]
+        rng = np.random.default_rng([self.seed, self.epoch, key, self.rank])
+        repeats = -(-count // len(mine))
+        return np.concatenate([mine] + [rng.permutation(mine) for _ in range(repeats - 1)])[:count]
 
     def batches(self) -> list[np.ndarray]:
+        """This rank's share of every batch of the epoch (batch_size / world_size indices each)."""
+        if self.batch_size % self.world_size:
+            raise ValueError(f"batch size {self.batch_size} does not split over {self.world_size} processes")
         rng = np.random.default_rng([self.seed, self.epoch])
         n = len(self)
+        share = self.batch_size // self.world_size
         if self.balanced:
-            half = self.batch_size // 2
-            streams = [self._stream(np.flatnonzero(self.labels == c), n * half, rng).reshape(n, half) for c in (0, 1)]
-            # Each rank takes its own slice of both classes, so every rank's share stays balanced.
-            return [np.concatenate([s[i, self.rank::self.world_size] for s in streams]) for i in range(n)]
-        out = self._stream(np.arange(len(self.labels)), n * self.batch_size, rng).reshape(n, self.batch_size)
-        return [row[self.rank::self.world_size] for row in out]
+            if share % 2:
+                raise ValueError(f"balanced batches need an even share per process, got {share}")
+            half = share // 2
+            streams = [self._stream(np.flatnonzero(self.labels == c), n * half, rng, c).reshape(n, half)
+                       for c in (0, 1)]
+            return [np.concatenate([streams[0][i], streams[1][i]]) for i in range(n)]
+        return list(self._stream(np.arange(len(self.labels)), n * share, rng, 2).reshape(n, share))
 
     def __iter__(self) -> Iterator[list[int]]:
         for row in self.batches():

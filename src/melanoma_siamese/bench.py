@@ -1,0 +1,734 @@
+"""`melanoma-siamese bench`: the speed and memory claims, measured side by side on the current machine.
+
+Each comparison runs both sides in one process, one after the other, on the same generated data, so
+its ratio holds on a noisy or shared machine even where the absolute figures do not. The CPU bench:
+  1. input pipeline: the reference's way (per-sample PIL decode of the JPEG files and torchvision
+     transforms in a triplet dataset, DataLoader workers) vs ours (uint8 memmap cache, batched tensor
+     augmentation), in images delivered to the model per second;
+  2. backbone passes per training image in one short epoch of each recipe, counted by a forward hook;
+  3. embedding extraction from the cache vs the model-only forward pass on ready-made tensors;
+  4. anonymous resident memory while training on the cache, at two dataset sizes (fresh processes).
+`--gpu` measures training throughput on a CUDA GPU instead: ours with every switch on vs the bare
+training step on tensors already on the GPU, and vs the reference's way on the same GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+
+MALLOC_HINT = "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000"
+
+
+def add_parser(sub, common) -> None:
+    parser = sub.add_parser("bench", help="measure input pipeline, passes per image, embedding speed and memory "
+                            "side by side on this machine (--gpu: training throughput on a CUDA GPU)",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=800, help="generated images (JPEGs and their cache)")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--backbone", default="resnet50", help="torchvision backbone, e.g. resnet50 or resnet18")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the bench process, and the reference's DataLoader workers "
+                        "(default: the CPU cores this process may use)")
+    parser.add_argument("--pipeline-images", type=int, default=1920,
+                        help="images each input pipeline delivers while timed (after its warm-up)")
+    parser.add_argument("--pass-images", type=int, default=16,
+                        help="training images of the short epoch that counts backbone passes (even)")
+    parser.add_argument("--embed-batch", type=int, default=32, help="batch size of both embedding measurements")
+    parser.add_argument("--embed-batches", type=int, default=3, help="timed batches of each embedding measurement")
+    parser.add_argument("--memory-scale", type=int, default=4, help="the larger dataset of the memory check is "
+                        "this many times --images (at least 4)")
+    parser.add_argument("--memory-steps", type=int, default=3, help="training steps before memory is read")
+    parser.add_argument("--memory-batch", type=int, default=16, help="batch size of those training steps")
+    parser.add_argument("--gpu", action="store_true", help="measure training throughput on a CUDA GPU instead")
+    parser.add_argument("--gpu-images", type=int, default=20000,
+                        help="--gpu: images of the uint8 cache generated on the GPU (one epoch of ours)")
+    parser.add_argument("--gpu-batch", type=int, default=128, help="--gpu: training batch size of ours and of "
+                        "the model-only step (the reference uses its own 32 triplets)")
+    parser.add_argument("--gpu-reference-batches", type=int, default=60,
+                        help="--gpu: timed batches of the reference's way")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, help="keep the generated data here (default: a temporary folder)")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the report as JSON")
+    parser.set_defaults(handler=cmd_bench)
+
+
+@dataclass
+class Row:
+    """One line of the table: ours against a baseline, their ratio and the target it is held to."""
+    name: str
+    ours: float
+    baseline: Optional[float]
+    unit: str
+    ratio: Optional[float]
+    target: str
+    passed: Optional[bool]  # None: reported, not held to a target
+    note: str = ""
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.gpu and not torch.cuda.is_available():
+        print(f"error: bench --gpu needs a CUDA GPU, and this torch ({torch.__version__}) sees none "
+              "(torch.cuda.is_available() is False). Run `melanoma-siamese bench` without --gpu to measure "
+              "the CPU pipeline here.", file=sys.stderr)
+        return 2
+    problems = _check_args(args)
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    threads = args.threads or usable_cores()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with _work_dir(args.work) as work:
+            started = time.perf_counter()
+            rows = run_gpu(args, work, threads) if args.gpu else run_cpu(args, work, threads)
+            seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(previous_threads)
+    report = {"machine": machine_info(threads, "cuda" if args.gpu else "cpu"),
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                           if k != "handler"},
+              "seconds": seconds, "rows": [asdict(r) for r in rows],
+              "all_passed": all(r.passed for r in rows if r.passed is not None)}
+    print(format_report(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"Wrote {args.json}")
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    problems = []
+    if args.images < 16:
+        problems.append(f"--images {args.images}: at least 16 are needed")
+    if args.pass_images < 4 or args.pass_images % 4:
+        problems.append(f"--pass-images {args.pass_images}: a multiple of 4 (two balanced reference batches)")
+    if args.memory_scale < 4:
+        problems.append(f"--memory-scale {args.memory_scale}: the two sizes must be at least 4x apart")
+    for name in ("size", "pipeline_images", "embed_batch", "embed_batches", "memory_steps", "memory_batch",
+                 "gpu_images", "gpu_batch", "gpu_reference_batches"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be positive")
+    if args.memory_batch % 2 or args.gpu_batch % 2:
+        problems.append("--memory-batch and --gpu-batch must be even (class-balanced batches)")
+    return problems
+
+
+class _work_dir:
+    """The given folder (kept), or a temporary one removed afterwards."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path, self.tmp = path, None
+
+    def __enter__(self) -> Path:
+        if self.path is not None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            return self.path
+        self.tmp = tempfile.TemporaryDirectory(prefix="melanoma-bench-")
+        return Path(self.tmp.name)
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+
+def usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+class TimedBatches:
+    """Wraps a batch iterable; times everything from the request of batch `warmup` to the end.
+
+    The clock covers both making the timed batches and whatever the consumer does with them, so a
+    training loop that pulls from this measures images per second end to end. `sync` (e.g.
+    torch.cuda.synchronize) runs at both ends, so queued GPU work is counted where it belongs.
+    """
+
+    def __init__(self, batches: Iterable, warmup: int, count: Callable[[object], int],
+                 sync: Callable[[], None] = lambda: None):
+        self.batches, self.warmup, self.count, self.sync = batches, warmup, count, sync
+        self.images, self.seconds, self._start = 0, 0.0, None
+
+    def __iter__(self):
+        it = iter(self.batches)
+        index = 0
+        while True:
+            if index == self.warmup:
+                self.sync()
+                self._start = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            if index >= self.warmup:
+                self.images += self.count(batch)
+            yield batch
+            index += 1
+        self.sync()
+        if self._start is not None:
+            self.seconds = time.perf_counter() - self._start
+
+    @property
+    def rate(self) -> float:
+        if self._start is None or self.images == 0:
+            raise RuntimeError(f"nothing was timed: the batches ran out within the {self.warmup} warm-up batches")
+        return self.images / self.seconds
+
+
+def drain(timed: TimedBatches) -> float:
+    for _ in timed:
+        pass
+    return timed.rate
+
+
+# ------------------------------------------------------------------------------- the reference's input
+
+
+class JpegTriplets(torch.utils.data.Dataset):
+    """The reference's input: each triplet opens and decodes its three JPEG files with PIL and
+    augments them one by one with torchvision's PIL transforms."""
+
+    def __init__(self, paths: list[str], triplets: np.ndarray, transform):
+        self.paths, self.triplets, self.transform = paths, triplets, transform
+
+    def __len__(self) -> int:
+        return len(self.triplets)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        out = []
+        for row in self.triplets[i]:
+            with Image.open(self.paths[int(row)]) as image:
+                out.append(self.transform(image.convert("RGB")))
+        return tuple(out)
+
+
+def reference_transform(size: int, mean: float, std: float, augment):
+    """torchvision (v1) transforms on PIL images, as the reference: resize, rotate, jitter, flip, normalise."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize((size, size)), T.RandomRotation(augment.rotation_degrees),
+        T.ColorJitter(augment.brightness, augment.contrast, augment.saturation, augment.hue),
+        T.RandomHorizontalFlip(), T.RandomVerticalFlip(), T.ToTensor(), T.Normalize([mean] * 3, [std] * 3)])
+
+
+def reference_loader(paths: list[str], triplets: np.ndarray, size: int, batch_triplets: int, workers: int,
+                     seed: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    from .config import DataConfig
+
+    d = DataConfig()
+    return torch.utils.data.DataLoader(
+        JpegTriplets(paths, triplets, reference_transform(size, d.mean, d.std, d.augment)),
+        batch_size=batch_triplets, shuffle=False, num_workers=workers, drop_last=True, pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed))
+
+
+def _triplet_images(batch) -> int:
+    return 3 * len(batch[0])
+
+
+def _batch_images(batch) -> int:
+    return len(batch[0])
+
+
+def our_batches(array: np.ndarray, rows: np.ndarray, labels: np.ndarray, size: int, device: torch.device,
+                batch: int, count: int, seed: int, channels_last: bool = False):
+    """Our training input: `count` class-balanced batches gathered from the cache and augmented as tensors."""
+    from .augment import BatchAugment
+    from .config import DataConfig
+    from .data.sampler import BalancedBatchSampler
+    from .train import CacheBatches
+
+    d = DataConfig()
+    source = CacheBatches(SimpleNamespace(array=array), rows, labels, BatchAugment(size, d.mean, d.std, d.augment),
+                          device, "auto", channels_last)
+    sampler = BalancedBatchSampler(labels, batch, seed, balanced=True, epoch_images=batch * count)
+    return source.epoch(sampler.batches(), torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------ CPU bench
+
+
+@dataclass
+class Data:
+    paths: list[str]
+    labels: np.ndarray
+    array: np.ndarray  # the uint8 memmap cache
+    cache_path: Path
+
+
+def generate(work: Path, n: int, size: int, seed: int, threads: int) -> tuple[Data, float, float]:
+    """JPEGs in the Kaggle layout and their cache; returns the data, generation and cache-build seconds."""
+    import pandas as pd
+
+    from .data.images import build_cache
+    from .data.synth import make_synthetic_dataset
+
+    data_dir = work / "data"
+    start = time.perf_counter()
+    if not (data_dir / "train-metadata.csv").is_file() or len(pd.read_csv(data_dir / "train-metadata.csv")) != n:
+        log(f"generating {n} synthetic {size}x{size} JPEGs in {data_dir} ...")
+        make_synthetic_dataset(data_dir, n, 0.25, size=size, seed=seed)
+    generated = time.perf_counter() - start
+    table = pd.read_csv(data_dir / "train-metadata.csv", dtype={"isic_id": str})
+    paths = [str(data_dir / "train-image" / "image" / f"{i}.jpg") for i in table["isic_id"]]
+    cache_dir = work / f"cache-{size}"
+    for old in cache_dir.glob("*"):  # time a real build, not a reuse
+        old.unlink()
+    log(f"building the uint8 cache with {threads} decoding threads ...")
+    start = time.perf_counter()
+    cache = build_cache(paths, size, cache_dir, workers=threads)
+    built = time.perf_counter() - start
+    if cache.failures:
+        raise RuntimeError(f"{len(cache.failures)} generated images did not decode: {cache.failures}")
+    return Data(paths, table["target"].to_numpy(np.int64), cache.array, cache.path), generated, built
+
+
+def run_cpu(args: argparse.Namespace, work: Path, threads: int) -> list[Row]:
+    device = torch.device("cpu")
+    data, generated, built = generate(work, args.images, args.size, args.seed, threads)
+    rows = [Row("cache build (decode every JPEG once)", args.images / built, None, "images/s", None, "-", None,
+                f"{built:.1f} s for {args.images} images ({generated:.0f} s to generate them); "
+                f"{threads} threads")]
+    rows.append(input_pipelines(data, args, device, threads))
+    rows.append(passes_per_image(data, args, device))
+    rows.append(embedding_speed(data, args, device))
+    rows.append(memory_flatness(data, args, work, threads))
+    return rows
+
+
+def input_pipelines(data: Data, args: argparse.Namespace, device: torch.device, threads: int) -> Row:
+    from .data.images import sample_triplets
+
+    workers = threads
+    batch_triplets, batch = 32, 64
+    ref_batches = workers + math.ceil(args.pipeline_images / (3 * batch_triplets))
+    rng = np.random.default_rng(args.seed)
+    all_rows = np.arange(len(data.labels))
+    triplets = sample_triplets(all_rows, data.labels, ref_batches * batch_triplets, True, rng)
+    log(f"input pipeline, reference: PIL decode + torchvision transforms, triplets of {batch_triplets}, "
+        f"{workers} DataLoader workers ...")
+    loader = reference_loader(data.paths, triplets, args.size, batch_triplets, workers, args.seed)
+    reference = drain(TimedBatches(loader, warmup=workers, count=_triplet_images))
+    log(f"input pipeline, ours: memmap cache + batched augmentation, batches of {batch}, {threads} threads ...")
+    batches = our_batches(data.array, all_rows, data.labels, args.size, device, batch,
+                          1 + math.ceil(args.pipeline_images / batch), args.seed)
+    ours = drain(TimedBatches(batches, warmup=1, count=_batch_images))
+    return Row("input pipeline, images/s delivered to the model", ours, reference, "images/s", ours / reference,
+               ">= 3x", ours / reference >= 3,
+               f"reference: {workers} workers, 3 images per triplet; ours: in-process, {threads} threads")
+
+
+class PassCounter:
+    """Forward hook that counts the images passed through a module."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.images = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output) -> None:
+        self.images += len(inputs[0])
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def short_epoch_passes(recipe: str, array: np.ndarray, rows: np.ndarray, labels: np.ndarray, backbone: str,
+                       size: int, device: torch.device, seed: int) -> float:
+    """Backbone passes per training image in one epoch over `rows` of the recipe: 'reference' (sampled
+    triplets, three passes each, as train.py runs it) or 'ours' (balanced batches, in-batch mining)."""
+    from .config import DataConfig
+    from .data.images import TripletImages, sample_triplets, train_transform
+    from .engine import sampled_triplet_loss, train_siamese_epoch
+    from .losses import build_loss, build_miner
+    from .models import Encoder
+    from .train import TrainModule
+
+    torch.manual_seed(seed)
+    d = DataConfig()
+    encoder = Encoder(backbone, "none", 512, ce_head=recipe == "ours").to(device)
+    counter = PassCounter(encoder)
+    n = len(rows)
+    try:
+        if recipe == "reference":
+            # An epoch of the reference: as many sampled triplets as training images, in two batches.
+            triplets = sample_triplets(rows, labels, n, True, np.random.default_rng(seed))
+            batches = torch.utils.data.DataLoader(
+                TripletImages(array, triplets, train_transform(size, d.mean, d.std, d.augment)),
+                batch_size=n // 2, shuffle=False, num_workers=0, drop_last=True)
+            loss, miner, name, ce_weight = sampled_triplet_loss(1.0), None, "triplet", 0.0
+            mode = "sampled"
+        else:
+            batches = our_batches(array, rows, labels, size, device, n, 1, seed)
+            loss, miner = build_loss("multi_similarity", 0.5, 512), build_miner("multi_similarity", 0.5)
+            name, ce_weight, mode = "multi_similarity", 1.0, "batch"
+        optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-4)
+        train_siamese_epoch(TrainModule(encoder, loss), batches, mode, loss, miner, name, ce_weight, None,
+                            optimizer, None, device)
+    finally:
+        counter.close()
+    return counter.images / n
+
+
+def passes_per_image(data: Data, args: argparse.Namespace, device: torch.device) -> Row:
+    rng = np.random.default_rng(args.seed)
+    half = args.pass_images // 2
+    by_class = [np.flatnonzero(data.labels == c) for c in (0, 1)]
+    if min(len(r) for r in by_class) < half:
+        raise RuntimeError(f"--pass-images {args.pass_images} needs {half} images of each class; the generated "
+                           f"data has {len(by_class[0])} benign and {len(by_class[1])} melanoma")
+    rows = np.sort(np.concatenate([rng.choice(r, half, replace=False) for r in by_class]))
+    labels, array = data.labels[rows], data.array
+    log(f"backbone passes: one short epoch of each recipe on {len(rows)} training images ...")
+    reference = short_epoch_passes("reference", array, rows, labels, args.backbone, args.size, device, args.seed)
+    ours = short_epoch_passes("ours", array, rows, labels, args.backbone, args.size, device, args.seed)
+    return Row("backbone passes per training image per epoch", ours, reference, "passes", reference / ours,
+               "ref 3, ours 1", math.isclose(reference, 3.0) and math.isclose(ours, 1.0),
+               f"counted by a forward hook over one epoch of {len(rows)} images; ratio = reference / ours")
+
+
+def embedding_speed(data: Data, args: argparse.Namespace, device: torch.device) -> Row:
+    from .config import DataConfig
+    from .engine import embed
+    from .models import Encoder
+
+    torch.manual_seed(args.seed)
+    encoder = Encoder(args.backbone, "none", 512).to(device).eval()
+    b, size = args.embed_batch, args.size
+    order = np.random.default_rng(args.seed).permutation(len(data.labels))
+    needed = b * (args.embed_batches + 1)
+    order = np.resize(order, needed)
+    ready = torch.randn(b, 3, size, size, device=device)
+    mean, std = DataConfig().mean, DataConfig().std
+    log(f"embedding: engine.embed from the cache vs the model-only forward, batch {b}, "
+        f"{args.embed_batches} timed batches each (alternating) ...")
+    with torch.no_grad():
+        encoder(ready)  # warm-up of both
+    embed(encoder, data.array, order[:b], mean, std, device, batch_size=b)
+    model_only, from_cache = 0.0, 0.0
+    for i in range(1, args.embed_batches + 1):
+        start = time.perf_counter()
+        with torch.no_grad():
+            encoder(ready)
+        model_only += time.perf_counter() - start
+        start = time.perf_counter()
+        embed(encoder, data.array, order[i * b:(i + 1) * b], mean, std, device, batch_size=b)
+        from_cache += time.perf_counter() - start
+    images = b * args.embed_batches
+    ours, baseline = images / from_cache, images / model_only
+    return Row("embedding extraction vs model-only forward", ours, baseline, "images/s", ours / baseline, ">= 0.9",
+               ours / baseline >= 0.9, f"{args.backbone}, batch {b}, {images} images each side, no_grad, fp32")
+
+
+def read_rss() -> dict[str, int]:
+    """RssAnon and RssFile of this process in KiB (Linux), from /proc/self/status."""
+    out = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def memory_probe(cache_path: str, backbone: str, size: int, batch: int, steps: int, threads: int,
+                 seed: int) -> dict:
+    """Train `steps` steps of our recipe on a memory-mapped cache file; anonymous memory afterwards (KiB).
+
+    Run in a fresh process per dataset size, so the two readings do not share a heap.
+    """
+    import gc
+
+    from .augment import BatchAugment
+    from .config import DataConfig
+    from .data.sampler import BalancedBatchSampler
+    from .engine import train_siamese_epoch
+    from .losses import build_loss, build_miner
+    from .models import Encoder
+    from .train import CacheBatches, TrainModule
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    device = torch.device("cpu")
+    d = DataConfig()
+    array = np.load(cache_path, mmap_mode="r")
+    labels = (np.arange(len(array)) % 4 == 0).astype(np.int64)
+    rows = np.arange(len(array))
+    encoder = Encoder(backbone, "none", 512, ce_head=True)
+    loss, miner = build_loss("multi_similarity", 0.5, 512), build_miner("multi_similarity", 0.5)
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-4)
+    source = CacheBatches(SimpleNamespace(array=array), rows, labels, BatchAugment(size, d.mean, d.std, d.augment),
+                          device, "auto", False)
+    sampler = BalancedBatchSampler(labels, batch, seed, balanced=True, epoch_images=batch * steps)
+    stats = train_siamese_epoch(TrainModule(encoder, loss), source.epoch(sampler.batches(), torch.Generator()),
+                                "batch", loss, miner, "multi_similarity", 1.0, None, optimizer, None, device)
+    gc.collect()
+    return {"images": len(array), "steps": stats["steps"], **read_rss()}
+
+
+def tiled_cache(source: np.ndarray, path: Path, count: int) -> Path:
+    """A cache file of `count` rows, the source rows repeated (no decoding, so a large size is quick)."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(count,) + source.shape[1:])
+    for start in range(0, count, len(source)):
+        stop = min(count, start + len(source))
+        out[start:stop] = source[:stop - start]
+    out.flush()
+    del out
+    return path
+
+
+def run_probe(cache_path: Path, args: argparse.Namespace, threads: int) -> dict:
+    kwargs = {"cache_path": str(cache_path), "backbone": args.backbone, "size": args.size,
+              "batch": args.memory_batch, "steps": args.memory_steps, "threads": threads, "seed": args.seed}
+    code = ("import json, sys; from melanoma_siamese.bench import memory_probe; "
+            "print(json.dumps(memory_probe(**json.loads(sys.argv[1]))))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the memory probe on {cache_path} failed (exit {done.returncode}):\n"
+                           f"{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def memory_flatness(data: Data, args: argparse.Namespace, work: Path, threads: int) -> Row:
+    if not Path("/proc/self/status").is_file():
+        return Row("anonymous memory, training on the cache", float("nan"), None, "MiB", None, "flat (<= 1.25x)",
+                   None, "not measured: /proc/self/status (Linux) is not available")
+    large_count = args.images * args.memory_scale
+    large = tiled_cache(data.array, work / f"cache-x{args.memory_scale}.npy", large_count)
+    log(f"memory: {args.memory_steps} training steps of batch {args.memory_batch} in fresh processes, on caches of "
+        f"{args.images} and {large_count} images ...")
+    try:
+        small_rss = run_probe(data.cache_path, args, threads)
+        large_rss = run_probe(large, args, threads)
+    finally:
+        large.unlink(missing_ok=True)
+    small_mib, large_mib = small_rss["RssAnon"] / 1024, large_rss["RssAnon"] / 1024
+    ratio = large_mib / small_mib
+    gib = data.array[0].nbytes / 2**30
+    return Row(f"anonymous RSS at {large_count} vs {args.images} images", large_mib, small_mib, "MiB", ratio,
+               "<= 1.25x", ratio <= 1.25,
+               f"RssAnon after {args.memory_steps} steps; the caches are {args.images * gib:.2f} and "
+               f"{large_count * gib:.2f} GiB (file-backed RSS {small_rss['RssFile'] / 1024:.0f} and "
+               f"{large_rss['RssFile'] / 1024:.0f} MiB)")
+
+
+# ------------------------------------------------------------------------------------------ GPU bench
+
+
+def synthetic_uint8(n: int, size: int, device: torch.device, seed: int, chunk: int = 512) -> np.ndarray:
+    """n x size x size x 3 uint8 lesion-like images made on `device` (an ellipse on skin, with noise):
+    a training cache without JPEG files or decoding."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    axis = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+
+    def rand(*shape):
+        return torch.rand(*shape, device=device, generator=generator)
+
+    for start in range(0, n, chunk):
+        b = min(chunk, n - start)
+        skin = torch.tensor([0.85, 0.65, 0.55], device=device) + 0.05 * (rand(b, 3) - 0.5)
+        lesion = torch.tensor([0.45, 0.28, 0.18], device=device) * (0.6 + 0.6 * rand(b, 1)) + 0.08 * (rand(b, 3) - 0.5)
+        cy, cx = (0.35 + 0.3 * rand(b, 2)).unbind(1)
+        ry, rx = (0.14 + 0.16 * rand(b, 2)).unbind(1)
+        angle = math.pi * rand(b)
+        dy, dx = yy - cy.view(b, 1, 1), xx - cx.view(b, 1, 1)
+        cos, sin = torch.cos(angle).view(b, 1, 1), torch.sin(angle).view(b, 1, 1)
+        u, v = (dx * cos + dy * sin) / rx.view(b, 1, 1), (-dx * sin + dy * cos) / ry.view(b, 1, 1)
+        inside = (u * u + v * v < 1).unsqueeze(-1)
+        image = torch.where(inside, lesion.view(b, 1, 1, 3), skin.view(b, 1, 1, 3))
+        image = image + 0.04 * (rand(b, size, size, 3) - 0.5)
+        out[start:start + b] = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return out
+
+
+def write_jpegs(array: np.ndarray, folder: Path, threads: int) -> list[str]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [str(folder / f"{i:06d}.jpg") for i in range(len(array))]
+
+    def save(i: int) -> None:
+        Image.fromarray(np.asarray(array[i])).save(paths[i], quality=95)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(save, range(len(array))))
+    return paths
+
+
+def _train_parts(backbone: str, device: torch.device, channels_last: bool, recipe: str):
+    from .engine import sampled_triplet_loss
+    from .losses import build_loss, build_miner
+    from .models import Encoder
+    from .train import TrainModule
+
+    encoder = Encoder(backbone, "none", 512, ce_head=recipe == "ours").to(device)
+    if channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    if recipe == "ours":
+        loss, miner = build_loss("multi_similarity", 0.5, 512).to(device), build_miner("multi_similarity", 0.5)
+    else:
+        loss, miner = sampled_triplet_loss(1.0), None
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-4)
+    return TrainModule(encoder, loss), loss, miner, optimizer
+
+
+def run_gpu(args: argparse.Namespace, work: Path, threads: int) -> list[Row]:
+    from .config import RuntimeConfig
+    from .data.images import sample_triplets
+    from .engine import train_siamese_epoch
+    from .train import precision_settings
+
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    sync = torch.cuda.synchronize
+    dtype, use_scaler, channels_last = precision_settings(RuntimeConfig(), device)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    n, size, batch = args.gpu_images, args.size, args.gpu_batch
+    log(f"GPU: {torch.cuda.get_device_name(device)}; generating a uint8 cache of {n} {size}x{size} images on it ...")
+    start = time.perf_counter()
+    array = synthetic_uint8(n, size, device, args.seed)
+    made = time.perf_counter() - start
+    labels = (np.random.default_rng(args.seed).random(n) < 0.25).astype(np.int64)
+    rows = [Row("uint8 cache generated on the GPU", n / made, None, "images/s", None, "-", None,
+                f"{n} images at {size} px ({array.nbytes / 2**30:.1f} GiB) in {made:.1f} s, no JPEG files")]
+    precision = f"{'bf16' if dtype == torch.bfloat16 else 'fp16' if dtype == torch.float16 else 'fp32'}" \
+                f"{' + channels_last' if channels_last else ''}"
+    warmup = 10
+
+    def epoch(module, loss, miner, optimizer, batches, mode, ce_weight, autocast_dtype, step_scaler):
+        name = "multi_similarity" if mode == "batch" else "triplet"
+        train_siamese_epoch(module, batches, mode, loss, miner, name, ce_weight, None, optimizer, None, device,
+                            autocast_dtype=autocast_dtype, scaler=step_scaler)
+
+    log(f"GPU, model-only: the training step on random tensors already on the GPU, batch {batch}, {precision} ...")
+    module, loss, miner, optimizer = _train_parts(args.backbone, device, channels_last, "ours")
+    images = torch.randn(batch, 3, size, size, device=device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    fixed = (images, torch.arange(batch, device=device) % 2, np.arange(batch))
+    steps = max(warmup + 20, min(n // batch, warmup + 60))
+    timed = TimedBatches((fixed for _ in range(steps)), warmup, _batch_images, sync)
+    epoch(module, loss, miner, optimizer, timed, "batch", 1.0, dtype, scaler)
+    model_only = timed.rate
+
+    log(f"GPU, ours: one epoch of {n} images, GPU-resident cache, batched GPU augmentation, {precision} ...")
+    module, loss, miner, optimizer = _train_parts(args.backbone, device, channels_last, "ours")
+    batches = our_batches(array, np.arange(n), labels, size, device, batch, n // batch, args.seed, channels_last)
+    timed = TimedBatches(batches, warmup, _batch_images, sync)
+    epoch(module, loss, miner, optimizer, timed, "batch", 1.0, dtype, scaler)
+    ours = timed.rate
+
+    reference_images = min(n, 4000)
+    workers = threads
+    log(f"GPU, reference's way: writing {reference_images} JPEGs, then PIL + torchvision per sample, "
+        f"{workers} DataLoader workers, 32 triplets a batch, fp32 ...")
+    paths = write_jpegs(array[:reference_images], work / "jpeg", threads)
+    triplet_batches = workers + warmup + args.gpu_reference_batches
+    triplets = sample_triplets(np.arange(reference_images), labels[:reference_images], 32 * triplet_batches, True,
+                               np.random.default_rng(args.seed))
+    module, loss, _, optimizer = _train_parts(args.backbone, device, False, "reference")
+    loader = reference_loader(paths, triplets, size, 32, workers, args.seed, pin_memory=True)
+    timed = TimedBatches(loader, workers + warmup, _triplet_images, sync)
+    epoch(module, loss, None, optimizer, timed, "sampled", 0.0, None, None)
+    reference = timed.rate
+
+    rows.append(Row("training images/s, all switches on vs model-only step", ours, model_only, "images/s",
+                    ours / model_only, ">= 0.9", ours / model_only >= 0.9,
+                    f"{args.backbone}, batch {batch}, {precision}, GPU-resident cache, batched GPU augmentation"))
+    rows.append(Row("training images/s, ours vs the reference's way", ours, reference, "images/s",
+                    ours / reference, ">= 3x", ours / reference >= 3,
+                    f"reference: {workers} workers, PIL + torchvision per sample, fp32, 3 passes per triplet"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- reporting
+
+
+def machine_info(threads: int, device: str) -> dict:
+    import torchvision
+
+    info = {
+        "cpu_count": os.cpu_count(), "usable_cores": usable_cores(), "torch_threads": threads,
+        "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "device": device,
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+def _number(value: Optional[float]) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def format_report(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"Machine: {m['cpu_count']} CPUs ({m['usable_cores']} usable), {m['processor']}, Python {m['python']}, "
+             f"torch {m['torch']}, torchvision {m['torchvision']}, device {m['device']}"
+             + (f" ({m['gpu']})" if m.get("gpu") else "")]
+    lines.append(f"torch threads: {m['torch_threads']}"
+                 + (f"; load average at the end: {' '.join(str(x) for x in m['load_average'])}"
+                    if "load_average" in m else ""))
+    if m["malloc_env"]:
+        lines.append("MALLOC_* set: " + " ".join(f"{k}={v}" for k, v in m["malloc_env"].items()))
+    else:
+        lines.append(f"MALLOC_* not set: on a VM that returns freed memory to its host, large batch tensors pay a "
+                     f"slow first write on every batch; `{MALLOC_HINT}` in the environment avoids it")
+    if m["device"] == "cpu":
+        lines.append("fp32 on CPU (bf16 autocast on a CPU without native bf16 is slower); compare ratios, not "
+                     "absolute figures, on a busy machine")
+    header = ("measurement", "ours", "baseline", "unit", "ratio", "target", "result")
+    table = [header]
+    for r in report["rows"]:
+        result = "-" if r["passed"] is None else ("PASS" if r["passed"] else "MISS")
+        table.append((r["name"], _number(r["ours"]), _number(r["baseline"]), r["unit"],
+                      "-" if r["ratio"] is None else f"{r['ratio']:.2f}", r["target"], result))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines.append("")
+    for i, row in enumerate(table):
+        lines.append("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append("")
+    lines += [f"  {r['name']}: {r['note']}" for r in report["rows"] if r["note"]]
+    lines.append(f"Bench took {report['seconds']:.0f} s.")
+    return "\n".join(lines)

@@ -1,0 +1,236 @@
+"""A FastAPI application over a trained run: predict an uploaded image, show similar known cases, a web page.
+
+Every bad request (not an image, corrupt, too large in bytes or in pixels, unknown or malformed id) is a
+4xx JSON error, and the server keeps serving. It binds to 127.0.0.1 unless told otherwise.
+"""
+# No `from __future__ import annotations`: FastAPI reads the endpoint annotations at run time, and fastapi is
+# imported inside create_app (an optional extra), where string annotations could not be resolved.
+import argparse
+import base64
+import copy
+import io
+import threading
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from .predict import (DEFAULT_MAX_PIXELS, DEFAULT_NEIGHBOURS, ImageRejected, LoadedRun, describe, load_run,
+                      read_image, torch_scorer)
+
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+# Room for the multipart boundary and headers around the one file.
+MULTIPART_OVERHEAD = 64 * 1024
+THUMBNAIL_SIDE = 160
+ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+NOTE = ("Research tool, not a diagnosis. The probability is the model's score on the class balance of its "
+        "training data, not a patient's risk; the decision uses the threshold chosen on validation images.")
+
+
+class Predictor:
+    """A loaded run with what concurrent requests need: a scorer, and a Grad-CAM copy behind a lock."""
+
+    def __init__(self, run: LoadedRun, max_pixels: int):
+        self.run, self.max_pixels = run, max_pixels
+        self.score = torch_scorer(run)
+        # Grad-CAM hooks the target layer: on the shared model they would catch other requests' activations.
+        self.saliency_run = copy.copy(run)
+        self.saliency_run.encoder = copy.deepcopy(run.encoder)
+        self.saliency_run.classifier = copy.deepcopy(run.classifier)
+        self.saliency_lock = threading.Lock()
+        self.known = {str(i): run.image_paths[str(i)] for i in run.index.ids if str(i) in run.image_paths}
+
+    def predict(self, data: bytes, saliency: bool, neighbours: int) -> dict:
+        pixels = read_image(data, self.run.config.data.image_size, self.max_pixels)[None]
+        emb, probs = self.score(pixels)
+        result = describe(self.run, emb, probs, neighbours)[0]
+        for s in result["similar"]:
+            s["image_url"] = f"/api/similar/{s['id']}/image" if s["id"] in self.known else None
+        result["saliency_png"] = self.saliency(pixels) if saliency else None
+        result["threshold_source"] = self.run.thresholds.source
+        result["knn_k"] = self.run.config.evaluation.knn_k
+        result["note"] = NOTE
+        return result
+
+    def saliency(self, pixels: np.ndarray) -> str:
+        from .saliency import saliency_overlays
+
+        with self.saliency_lock:
+            overlay = saliency_overlays(self.saliency_run, pixels)[0]
+        buffer = io.BytesIO()
+        Image.fromarray(overlay).save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    def health(self) -> dict:
+        run = self.run
+        return {"status": "ok", "run": run.path.name, "backbone": run.encoder.args["backbone"],
+                "image_size": run.config.data.image_size, "threshold": run.thresholds.classifier,
+                "threshold_source": run.thresholds.source, "knn_threshold": run.thresholds.knn,
+                "index_size": int(len(run.index.ids)), "images_available": len(self.known),
+                "train_melanoma_fraction": run.train_prevalence, "note": NOTE}
+
+
+def thumbnail_png(path: str, side: int = THUMBNAIL_SIDE) -> bytes:
+    with Image.open(path) as image:
+        image.draft("RGB", (side, side))
+        image = image.convert("RGB")
+        image.thumbnail((side, side))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class BodyLimit:
+    """413 for a request body over `limit` bytes, by Content-Length or by counting what arrives."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        from fastapi import HTTPException
+        from fastapi.responses import JSONResponse
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = JSONResponse({"detail": f"request body over the limit of {self.limit} bytes"}, status_code=413)
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await too_large(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                # FastAPI passes an HTTPException raised while reading the form through as this status.
+                raise HTTPException(413, f"request body over the limit of {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _filename_is_safe(name: Optional[str]) -> bool:
+    if not name:
+        return True
+    return not ("/" in name or "\\" in name or "\x00" in name or name in (".", "..") or name.startswith(".."))
+
+
+def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+               max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu"):
+    from fastapi import FastAPI, File, HTTPException, Path as PathParam, Query, UploadFile
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import HTMLResponse, Response
+    from pydantic import BaseModel
+
+    predictor = Predictor(load_run(run_dir, device), max_pixels)
+    page = (resources.files("melanoma_siamese") / "web" / "index.html").read_text(encoding="utf-8")
+
+    class Similar(BaseModel):
+        id: str
+        label: int
+        label_name: str
+        distance: float
+        image_url: Optional[str]
+
+    class Prediction(BaseModel):
+        probability: float
+        decision: str
+        threshold: float
+        threshold_source: str
+        knn_probability: float
+        knn_decision: str
+        knn_threshold: float
+        knn_k: int
+        similar: list[Similar]
+        saliency_png: Optional[str]
+        note: str
+
+    class Health(BaseModel):
+        status: str
+        run: str
+        backbone: str
+        image_size: int
+        threshold: float
+        threshold_source: str
+        knn_threshold: float
+        index_size: int
+        images_available: int
+        train_melanoma_fraction: Optional[float]
+        note: str
+
+    class Error(BaseModel):
+        detail: str
+
+    errors = {code: {"model": Error} for code in (400, 404, 413, 415)}
+    app = FastAPI(title="melanoma-siamese", version="0.1.0", description=NOTE)
+    app.add_middleware(BodyLimit, limit=max_upload_bytes + MULTIPART_OVERHEAD)
+    thumbnail = lru_cache(maxsize=1024)(thumbnail_png)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index_page() -> str:
+        return page
+
+    @app.get("/api/health", response_model=Health)
+    def health() -> dict:
+        return predictor.health()
+
+    @app.post("/api/predict", response_model=Prediction, responses=errors)
+    async def predict(file: UploadFile = File(..., description="one image (JPEG, PNG, ...)"),
+                      saliency: bool = Query(False, description="add a Grad-CAM overlay as a PNG data URL"),
+                      neighbours: int = Query(DEFAULT_NEIGHBOURS, ge=1, le=50)) -> dict:
+        if not _filename_is_safe(file.filename):
+            raise HTTPException(400, "file name with a path in it; send the bare file name")
+        data = await file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"file over the upload limit of {max_upload_bytes} bytes")
+        if not data:
+            raise HTTPException(400, "empty file")
+        try:
+            return await run_in_threadpool(predictor.predict, data, saliency, neighbours)
+        except ImageRejected as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+
+    @app.get("/api/similar/{image_id}/image", response_class=Response, responses={
+        200: {"content": {"image/png": {}}, "description": "a PNG thumbnail of a known lesion"}, **errors})
+    def similar_image(image_id: str = PathParam(..., pattern=ID_PATTERN, max_length=128)) -> Response:
+        # Only ids of the retrieval index are served, from the paths recorded for them: never a path built
+        # from the request.
+        path = predictor.known.get(image_id)
+        if path is None:
+            raise HTTPException(404, f"no known image with id {image_id!r}")
+        try:
+            return Response(thumbnail(path), media_type="image/png")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise HTTPException(404, f"the image of {image_id} can no longer be read") from exc
+
+    return app
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app = create_app(args.run, int(args.max_upload_mb * 1024 * 1024), int(args.max_megapixels * 1e6), args.device)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}: reachable from other machines; this is a research tool "
+              "without authentication")
+    print(f"Open http://{args.host}:{args.port}/ (API schema at /openapi.json)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0
+
+
+def add_parser(sub, common) -> None:
+    parser = sub.add_parser("serve", help="web page and HTTP API over a trained run")
+    parser.add_argument("--run", type=Path, required=True, help="run folder written by train")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 1024 / 1024,
+                        help="largest accepted upload in MB (default 20)")
+    parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_PIXELS / 1e6,
+                        help="refuse images whose header claims more pixels than this (default 64)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    parser.add_argument("--quiet", action="store_true", help="log warnings only")
+    parser.set_defaults(handler=cmd_serve)

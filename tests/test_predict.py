@@ -1,0 +1,162 @@
+"""predict and pair on a tiny trained run: numbers against the run's own evaluation, bad files, saliency."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from melanoma_siamese.cli import main
+from melanoma_siamese.predict import (RetrievalIndex, expand_inputs, load_run, load_thresholds, predict_paths,
+                                      torch_scorer, val_pair_distances)
+
+from inference_run import image_files, png_header_only, shared_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_data, tmp_path_factory):
+    return shared_run(tiny_data, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def run(run_dir):
+    return load_run(run_dir, "cpu")
+
+
+def test_cli_probability_and_knn_vote_equal_the_runs_evaluation(run_dir, tiny_data, tmp_path, capsys):
+    predictions = pd.read_csv(run_dir / "predictions.csv", dtype={"isic_id": str})
+    test = predictions[predictions["part"] == "test"].head(6)
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for image_id in test["isic_id"]:
+        shutil.copy(tiny_data / "train-image" / "image" / f"{image_id}.jpg", folder)
+    out = tmp_path / "out.csv"
+    assert main(["predict", "--run", str(run_dir), str(folder), "--csv", str(out), "--neighbours", "3",
+                 "--device", "cpu"]) == 0
+    rows = pd.read_csv(out).sort_values("path").reset_index(drop=True)
+    expected = test.sort_values("isic_id").reset_index(drop=True)
+    assert len(rows) == 6 and (rows["status"] == "ok").all()
+    assert np.allclose(rows["probability"], expected["prob_melanoma"], atol=1e-5)
+    assert np.allclose(rows["knn_probability"], expected["knn_prob_melanoma"], atol=1e-5)
+    threshold = json.loads((run_dir / "threshold.json").read_text())["classifier"]
+    assert ((rows["probability"] >= threshold) == (rows["decision"] == "melanoma")).all()
+    assert {"neighbour_3_id", "neighbour_3_label", "neighbour_3_distance"} <= set(rows.columns)
+    assert "neighbour_4_id" not in rows.columns
+    printed = capsys.readouterr().out
+    assert "P(melanoma)" in printed and expected["isic_id"][0] in printed
+
+
+def test_neighbours_are_the_exact_nearest_training_images(run, tiny_data):
+    train = run.index.part("train")
+    paths = [tiny_data / "train-image" / "image" / f"{i}.jpg" for i in train.ids[:4]]
+    rows = predict_paths(run, paths, torch_scorer(run), neighbours=4)
+    for row, image_id, emb in zip(rows, train.ids[:4], train.embeddings[:4]):
+        # A training image finds itself first; the rest match a brute-force cosine ranking.
+        assert row["neighbour_1_id"] == image_id and row["neighbour_1_distance"] < 1e-5
+        brute = sorted(1 - float(np.dot(emb, other)) for other in train.embeddings)[:4]
+        assert np.allclose([row[f"neighbour_{n}_distance"] for n in range(1, 5)], brute, atol=1e-5)
+
+
+def test_bad_files_get_a_row_with_the_reason_and_a_nonzero_exit(run_dir, tiny_data, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = image_files(tiny_data)[:3]
+    for p in good:
+        shutil.copy(p, folder)
+    (folder / "notes.jpg").write_text("not an image")
+    (folder / "truncated.jpg").write_bytes(good[0].read_bytes()[:150])
+    (folder / "bomb.png").write_bytes(png_header_only(50000, 50000))
+    out = tmp_path / "out.csv"
+    assert main(["predict", "--run", str(run_dir), str(folder), str(tmp_path / "absent.jpg"), "--csv", str(out),
+                 "--no-progress"]) == 1
+    rows = pd.read_csv(out, keep_default_na=False).set_index("path")
+    assert (rows["status"] == "ok").sum() == 3
+    reasons = {p.split("/")[-1]: r for p, r in rows.loc[rows["status"] == "failed", "reason"].items()}
+    assert "not an image" in reasons["notes.jpg"]
+    assert reasons["truncated.jpg"]
+    assert "too large" in reasons["bomb.png"]
+    assert "does not exist" in reasons["absent.jpg"]
+
+
+def test_csv_list_batches_and_progress_bar(run, run_dir, tiny_data, tmp_path, capsys):
+    paths = image_files(tiny_data)[:10]
+    listing = tmp_path / "list.csv"
+    pd.DataFrame({"path": [str(p) for p in paths[:5]] + [p.name for p in paths[5:]]}).to_csv(listing, index=False)
+    for p in paths[5:]:
+        shutil.copy(p, tmp_path)  # relative entries are read beside the CSV
+    assert expand_inputs([listing]) == paths[:5] + [tmp_path / p.name for p in paths[5:]]
+    out = tmp_path / "out.csv"
+    assert main(["predict", "--run", str(run_dir), str(listing), "--csv", str(out), "--batch-size", "3"]) == 0
+    assert "Predicting" in capsys.readouterr().err
+    batched = pd.read_csv(out)["probability"].to_numpy()
+    whole = [r["probability"] for r in predict_paths(run, paths, torch_scorer(run), batch_size=64)]
+    assert np.allclose(batched, whole, atol=1e-6)
+
+
+def test_files_and_a_csv_list_with_saliency_overlays(run_dir, tiny_data, tmp_path):
+    first, second, third = image_files(tiny_data)[:3]
+    listing = tmp_path / "list.csv"
+    pd.DataFrame({"path": [str(third)]}).to_csv(listing, index=False)
+    maps = tmp_path / "maps"
+    out = tmp_path / "out.csv"
+    assert main(["predict", "--run", str(run_dir), str(first), str(second), str(listing), "--neighbours", "3",
+                 "--saliency", str(maps), "--csv", str(out)]) == 0
+    rows = pd.read_csv(out)
+    assert rows["path"].tolist() == [str(first), str(second), str(third)]
+    written = rows["saliency"].tolist()
+    assert sorted(map(str, maps.iterdir())) == sorted(written)
+    with Image.open(written[0]) as image:
+        assert image.size == (32, 32) and image.mode == "RGB"
+
+
+def test_gradcam_follows_the_melanoma_logit():
+    import torch
+
+    from melanoma_siamese.models import Classifier, Encoder
+    from melanoma_siamese.saliency import MelanomaLogits, gradcam_maps
+
+    torch.manual_seed(0)
+    encoder, classifier = Encoder("resnet18", "none", 512).eval(), Classifier(512).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(MelanomaLogits(encoder, classifier)(images), classifier(encoder(images)))
+    maps = gradcam_maps(encoder, classifier, images)
+    assert maps.shape == (2, 64, 64) and np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+    assert maps.std() > 0.05  # layer4 is 2 x 2 here: a map with structure, not a constant
+
+
+def test_pair_distance_equals_the_index_and_is_placed_among_validation_pairs(run_dir, run, tiny_data, capsys):
+    train = run.index.part("train")
+    a, b = (tiny_data / "train-image" / "image" / f"{i}.jpg" for i in train.ids[:2])
+    assert main(["pair", "--run", str(run_dir), str(a), str(b), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["distance"] == pytest.approx(1 - float(train.embeddings[0] @ train.embeddings[1]), abs=1e-5)
+    reference = val_pair_distances(run.index)
+    same = report["validation"]["same_class"]
+    assert same["pairs"] == len(reference["same_class"])
+    assert same["share_closer"] == pytest.approx((reference["same_class"] <= report["distance"]).mean())
+    assert main(["pair", "--run", str(run_dir), str(a), str(a)]) == 0
+    assert "Embedding distance (1 - cosine similarity): 0.0000" in capsys.readouterr().out
+
+
+def test_val_pair_distances_against_every_pair():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(7, 4)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    labels = np.array([0, 1, 0, 0, 1, 1, 0])
+    index = RetrievalIndex(emb, np.array([str(i) for i in range(7)]), labels, np.array(["val"] * 7))
+    got = val_pair_distances(index)
+    same = [1 - emb[i] @ emb[j] for i in range(7) for j in range(i + 1, 7) if labels[i] == labels[j]]
+    other = [1 - emb[i] @ emb[j] for i in range(7) for j in range(i + 1, 7) if labels[i] != labels[j]]
+    assert np.allclose(sorted(got["same_class"]), sorted(same), atol=1e-6)
+    assert np.allclose(sorted(got["other_class"]), sorted(other), atol=1e-6)
+
+
+def test_threshold_is_half_and_says_so_without_threshold_json(tmp_path):
+    thresholds = load_thresholds(tmp_path)
+    assert thresholds.classifier == 0.5 and "no threshold.json" in thresholds.source
+
+
+def test_not_a_run_folder_exits_2(tmp_path, tiny_data):
+    assert main(["predict", "--run", str(tmp_path), str(image_files(tiny_data)[0])]) == 2

@@ -1,0 +1,282 @@
+"""The HTTP API and web page on a tiny trained run: answers, every bad request, concurrency, fuzzing, a browser."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+from melanoma_siamese.cli import build_parser
+from melanoma_siamese.predict import load_run, predict_paths, torch_scorer
+from melanoma_siamese.serve import DEFAULT_MAX_UPLOAD_BYTES, create_app
+
+from inference_run import image_files, png_header_only, shared_run
+
+pytestmark = [pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`"),
+              pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")]
+MB = 1024 * 1024
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_data, tmp_path_factory):
+    return shared_run(tiny_data, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def app(run_dir):
+    return create_app(run_dir)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def upload(client, data: bytes, name: str = "lesion.jpg", **params):
+    return client.post("/api/predict", files={"file": (name, data, "image/jpeg")}, params=params)
+
+
+def test_health_and_schema(client):
+    health = client.get("/api/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.json()["image_size"] == 32 and health.json()["index_size"] > 0
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/predict", "/api/health", "/api/similar/{image_id}/image"} <= set(paths)
+
+
+def test_predict_answers_as_the_cli_does_with_thumbnails_and_saliency(client, run_dir, tiny_data):
+    path = image_files(tiny_data)[0]
+    answer = upload(client, path.read_bytes(), saliency="true")
+    assert answer.status_code == 200
+    body = answer.json()
+    run = load_run(run_dir)
+    expected = predict_paths(run, [path], torch_scorer(run))[0]
+    assert body["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+    assert body["decision"] == expected["decision"] and body["threshold"] == expected["threshold"]
+    assert body["knn_probability"] == pytest.approx(expected["knn_probability"], abs=1e-6)
+    assert [s["id"] for s in body["similar"]] == [expected[f"neighbour_{n}_id"] for n in range(1, 6)]
+    assert body["saliency_png"].startswith("data:image/png;base64,")
+    assert "not a diagnosis" in body["note"]
+    thumb = client.get(body["similar"][0]["image_url"])
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
+    assert thumb.content.startswith(b"\x89PNG")
+
+
+def test_page_is_served_with_the_research_note(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "not a diagnosis" in page.text and "class balance" in page.text
+
+
+@pytest.mark.parametrize("name, data, status", [
+    ("notes.jpg", b"just some text, not an image", 415),
+    ("empty.jpg", b"", 400),
+    ("bomb.png", png_header_only(50000, 50000), 413),
+    ("wide.png", png_header_only(20000, 5000), 413),
+    ("../../etc/passwd", None, 400),
+    ("..\\..\\boot.ini", None, 400),
+], ids=["not-an-image", "empty", "bomb-50000x50000", "bomb-20000x5000", "traversal", "traversal-backslash"])
+def test_bad_uploads_are_4xx_json_and_the_server_keeps_serving(client, tiny_data, name, data, status):
+    good = image_files(tiny_data)[0].read_bytes()
+    answer = upload(client, good if data is None else data, name)
+    assert answer.status_code == status and answer.json()["detail"]
+    assert upload(client, good).status_code == 200
+
+
+def test_corrupt_image_is_400(client, tiny_data):
+    good = image_files(tiny_data)[0].read_bytes()
+    for corrupt in (good[:120], good[:600] + b"\0" * 50):
+        answer = upload(client, corrupt)
+        assert answer.status_code == 400, answer.text
+        assert "corrupt" in answer.json()["detail"] or "cannot be read" in answer.json()["detail"]
+
+
+def test_upload_size_limit_default_20_mb_gives_413(client):
+    assert DEFAULT_MAX_UPLOAD_BYTES == 20 * MB
+    just_over = upload(client, b"\0" * (20 * MB + 10))  # passes the body limit, fails the file limit
+    assert just_over.status_code == 413 and "upload limit" in just_over.json()["detail"]
+    far_over = upload(client, b"\0" * (21 * MB))  # refused from Content-Length before parsing
+    assert far_over.status_code == 413
+
+    def chunks():
+        for _ in range(22):
+            yield b"\0" * MB
+
+    streamed = client.post("/api/predict", content=chunks(),
+                           headers={"content-type": "multipart/form-data; boundary=x"})
+    assert streamed.status_code == 413
+    assert client.get("/api/health").status_code == 200
+
+
+def test_size_limit_is_configurable(run_dir, tiny_data):
+    from fastapi.testclient import TestClient
+
+    small = TestClient(create_app(run_dir, max_upload_bytes=1000))
+    assert upload(small, image_files(tiny_data)[0].read_bytes() + b"\0" * 1000).status_code == 413
+    args = build_parser().parse_args(["serve", "--run", "r", "--max-upload-mb", "5"])
+    assert args.max_upload_mb == 5
+
+
+@pytest.mark.parametrize("image_id, statuses", [
+    ("ISIC_0000000_absent", {404}),
+    ("..", {404, 422}),
+    ("..%2F..%2Fetc%2Fpasswd", {404, 422}),
+    ("%2e%2e%2f%2e%2e%2fetc%2fpasswd", {404, 422}),
+    ("..%5C..%5Cwindows", {404, 422}),
+    ("%2Fetc%2Fpasswd", {404, 422}),
+    (".bashrc", {404, 422}),
+])
+def test_unknown_and_traversal_ids_are_refused(client, image_id, statuses):
+    answer = client.get(f"/api/similar/{image_id}/image")
+    assert answer.status_code in statuses and answer.headers["content-type"] == "application/json"
+    assert client.get("/api/health").status_code == 200
+
+
+def test_binds_127_0_0_1_by_default():
+    assert build_parser().parse_args(["serve", "--run", "r"]).host == "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_50_concurrent_requests_to_the_serve_command_equal_single_answers(run_dir, tiny_data, tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "melanoma_siamese", "serve", "--run", str(run_dir),
+                               "--port", str(port), "--quiet"], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=120) as http:
+            deadline = time.time() + 120
+            while True:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()
+                try:
+                    if http.get("/api/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.time() < deadline, "server did not start in 120 s"
+                time.sleep(0.5)
+            images = [p.read_bytes() for p in image_files(tiny_data)[:5]]
+            single = [upload(http, data).json() for data in images]
+            jobs = [i % len(images) for i in range(50)]
+            with ThreadPoolExecutor(max_workers=50) as pool:
+                answers = list(pool.map(lambda i: (i, upload(http, images[i])), jobs))
+        for i, answer in answers:
+            assert answer.status_code == 200
+            assert answer.json() == single[i]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+        log.close()
+
+
+@pytest.mark.slow
+def test_fuzz_from_the_openapi_schema_gives_no_5xx(app):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.generation.modes import GenerationMode
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) == 3
+    seen = []
+    for operation in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @given(case=operation.as_strategy(mode))
+            @settings(max_examples=30, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            def check(case):
+                response = case.call()
+                seen.append(response.status_code)
+                assert response.status_code < 500, (case.path, case.query, response.text[:300])
+
+            try:
+                check()
+            except Unsatisfiable:
+                # GET /api/health takes no input: there is nothing to make invalid.
+                assert mode == GenerationMode.NEGATIVE and operation.path == "/api/health"
+    assert len(seen) > 120 and {400, 404, 415, 422} <= set(seen)
+
+
+@contextmanager
+def uvicorn_thread(app):
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+    if found is None:
+        message = "no Chromium at /usr/bin/chromium (Debian's `chromium` package; .ci/run installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + ": CI must run the browser test")
+        pytest.skip(message)
+    return found
+
+
+@pytest.mark.slow
+def test_browser_uploads_an_image_and_sees_the_apis_answer(app, tiny_data, tmp_path):
+    chromium = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    image = image_files(tiny_data)[3]
+    with uvicorn_thread(app) as base, sync_playwright() as playwright:
+        expected = upload(httpx.Client(base_url=base, timeout=60), image.read_bytes()).json()
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(base + "/")
+            assert "not a diagnosis" in page.inner_text("#note")
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector("body[data-state=done]", timeout=60_000)
+            page.wait_for_function("[...document.querySelectorAll('#similar img')].every(i => i.complete)",
+                                   timeout=30_000)
+            shown = page.inner_text("#probability")
+            raw = float(page.get_attribute("#probability", "data-probability"))
+            loaded = page.eval_on_selector_all("#similar img", "imgs => imgs.map(i => i.naturalWidth)")
+            captions = page.eval_on_selector_all("#similar figcaption", "fs => fs.map(f => f.textContent)")
+            saliency = page.eval_on_selector("#saliency", "i => i.complete && i.naturalWidth")
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        finally:
+            browser.close()
+    assert raw == expected["probability"] and shown == f"{expected['probability']:.4f}"
+    assert len(loaded) == len(expected["similar"]) and all(width > 0 for width in loaded)
+    assert all(s["id"] in c for s, c in zip(expected["similar"], captions))
+    assert saliency > 0
+    assert (tmp_path / "page.png").stat().st_size > 10_000
