@@ -8,7 +8,7 @@ BIN=${BIN:-.venv/bin/melanoma-siamese}
 COMMON=(--set model.backbone=resnet18 --set model.pretrained=none --set data.image_size=128
         --set siamese.backbone_lr_scale=1 --set siamese.epochs=100 --set siamese.val_reference_max=700
         --no-progress --device cpu)
-CONFIGS=(configs/default.yaml configs/reference.yaml configs/plain-ce.yaml)
+CONFIGS=(configs/default.yaml configs/reference.yaml configs/plain-ce.yaml configs/default-no-head.yaml)
 seeds=()
 for seed in ${SEEDS:-0 1 2}; do
   seeds+=("$seed")

@@ -46,3 +46,12 @@ def test_roundtrip_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(dump_yaml(config))
     assert load_config(path) == config
+
+
+def test_no_head_variant_differs_from_default_only_in_the_head():
+    from melanoma_siamese.config import to_dict
+
+    default, no_head = (to_dict(load_config(config_path(n))) for n in ("default", "default-no-head"))
+    assert no_head["siamese"]["ce_weight"] == 0.0 and default["siamese"]["ce_weight"] > 0
+    no_head["siamese"]["ce_weight"] = default["siamese"]["ce_weight"]
+    assert no_head == default

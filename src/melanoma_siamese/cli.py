@@ -15,7 +15,7 @@ from .data.metadata import DataError
 from .engine import Interrupted
 from .models import WeightsError
 
-PACKAGED_CONFIGS = ("default", "reference", "plain-ce", "demo")
+PACKAGED_CONFIGS = ("default", "reference", "plain-ce", "default-no-head", "demo")
 # Modules that add their own sub-commands: each has add_parser(subparsers, common) and sets `handler`.
 COMMAND_MODULES = ("compare", "predict", "export", "serve", "bench")
 
