@@ -13,6 +13,9 @@ from melanoma_siamese.cli import main
 
 from conftest import kaggle_dataset, set_args
 
+# Each trains tiny runs end to end (tens of seconds on 2 cores).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_data, tmp_path_factory):

@@ -1,8 +1,12 @@
 import pandas as pd
+import pytest
 
 from melanoma_siamese.cli import main
 
 from conftest import set_args
+
+# Each trains tiny runs end to end (tens of seconds on 2 cores).
+pytestmark = pytest.mark.slow
 
 
 def test_compare_writes_table_and_resumes(tiny_data, tmp_path, capsys, monkeypatch):

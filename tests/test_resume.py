@@ -74,6 +74,7 @@ def test_truncated_state_is_named(tmp_path):
         load_training_state(tmp_path / "absent.pth")
 
 
+@pytest.mark.slow
 def test_sigterm_stops_at_a_batch_and_says_how_to_resume(tiny_data, tmp_path):
     """SIGTERM during training: exit 143, the last completed epoch kept, resumable."""
     run = tmp_path / "run"
