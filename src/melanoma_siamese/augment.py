@@ -71,31 +71,33 @@ class BatchAugment:
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     def colour(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Brightness, contrast, saturation, hue as one affine map per image: x' = M x + o, clamped."""
-        n = len(x)
-        eye = torch.eye(3).expand(n, 3, 3)
-        gray = GRAY.view(1, 1, 3)
-        mean_rgb = x.mean(dim=(2, 3)).cpu()  # B x 3, before jitter
+        """Brightness, contrast, saturation, hue as one affine map per image: x' = M x + o, clamped.
+
+        Built on x's device from small tensors, so a GPU batch needs no read-back to the host.
+        """
+        n, device, dtype = len(x), x.device, x.dtype
+        p = {k: v.to(device, dtype, non_blocking=True) for k, v in p.items() if k != "angle"}
+        gray = GRAY.to(device, dtype)
+        eye = torch.eye(3, device=device, dtype=dtype).expand(n, 3, 3)
+        mean_rgb = x.mean(dim=(2, 3))  # B x 3, before jitter
         m = eye * p["brightness"].view(n, 1, 1)
-        o = torch.zeros(n, 3)
-        # Contrast blends with the mean grey level of the current image.
+        # Contrast blends with the mean grey level of the current (brightness-adjusted) image.
         fc = p["contrast"].view(n, 1)
-        grey_mean = ((m @ mean_rgb.unsqueeze(2)).squeeze(2) + o) @ GRAY
+        grey_mean = (mean_rgb * p["brightness"].view(n, 1)) @ gray
         m = m * fc.unsqueeze(2)
-        o = o * fc + (1 - fc) * grey_mean.view(n, 1)
+        o = ((1 - fc) * grey_mean.view(n, 1)).expand(n, 3)
         # Saturation blends with the per-pixel grey image: S = f I + (1 - f) 1 g^T.
         fs = p["saturation"].view(n, 1, 1)
-        sat = fs * eye + (1 - fs) * torch.ones(n, 3, 1) * gray
+        sat = fs * eye + (1 - fs) * gray.view(1, 1, 3)
         m, o = sat @ m, (sat @ o.unsqueeze(2)).squeeze(2)
         # Hue: a rotation of the chroma plane in YIQ space by the hue shift (in turns).
         angle = -2 * math.pi * p["hue"]
-        rot = torch.zeros(n, 3, 3)
-        rot[:, 0, 0] = 1
-        rot[:, 1, 1], rot[:, 1, 2] = torch.cos(angle), -torch.sin(angle)
-        rot[:, 2, 1], rot[:, 2, 2] = torch.sin(angle), torch.cos(angle)
-        hue = torch.linalg.inv(_RGB_TO_YIQ) @ rot @ _RGB_TO_YIQ
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        zero, one = torch.zeros_like(cos), torch.ones_like(cos)
+        rot = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], dim=1).view(n, 3, 3)
+        yiq = _RGB_TO_YIQ.to(device, dtype)
+        hue = torch.linalg.inv(yiq) @ rot @ yiq
         m, o = hue @ m, (hue @ o.unsqueeze(2)).squeeze(2)
-        m, o = m.to(x.device, x.dtype), o.to(x.device, x.dtype)
         return (torch.einsum("bij,bjhw->bihw", m, x) + o.view(n, 3, 1, 1)).clamp_(0, 1)
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

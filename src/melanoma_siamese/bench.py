@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 MALLOC_HINT = "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000"
+GPU_WARMUP = 10  # training steps before the GPU clock starts (cuDNN autotuning, allocator growth)
 
 
 def add_parser(sub, common) -> None:
@@ -42,17 +43,19 @@ def add_parser(sub, common) -> None:
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--backbone", default="resnet50", help="torchvision backbone, e.g. resnet50 or resnet18")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of the bench process, and the reference's DataLoader workers "
-                        "(default: the CPU cores this process may use)")
+                        help="torch threads of the bench (default: the usable cores that other work leaves idle, "
+                        "judged by the load average; at least 1)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader workers of the reference's way (default: the usable cores)")
     parser.add_argument("--pipeline-images", type=int, default=1920,
                         help="images each input pipeline delivers while timed (after its warm-up)")
-    parser.add_argument("--pass-images", type=int, default=16,
-                        help="training images of the short epoch that counts backbone passes (even)")
+    parser.add_argument("--pass-images", type=int, default=8,
+                        help="training images of the short epoch that counts backbone passes (a multiple of 4)")
     parser.add_argument("--embed-batch", type=int, default=32, help="batch size of both embedding measurements")
     parser.add_argument("--embed-batches", type=int, default=3, help="timed batches of each embedding measurement")
     parser.add_argument("--memory-scale", type=int, default=4, help="the larger dataset of the memory check is "
                         "this many times --images (at least 4)")
-    parser.add_argument("--memory-steps", type=int, default=3, help="training steps before memory is read")
+    parser.add_argument("--memory-steps", type=int, default=2, help="training steps before memory is read")
     parser.add_argument("--memory-batch", type=int, default=16, help="batch size of those training steps")
     parser.add_argument("--gpu", action="store_true", help="measure training throughput on a CUDA GPU instead")
     parser.add_argument("--gpu-images", type=int, default=20000,
@@ -90,17 +93,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return 2
-    threads = args.threads or usable_cores()
+    threads, why = (args.threads, "--threads") if args.threads else default_threads()
+    workers = args.workers if args.workers is not None else usable_cores()
+    log(f"torch threads: {threads} ({why}); reference DataLoader workers: {workers}")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with _work_dir(args.work) as work:
             started = time.perf_counter()
-            rows = run_gpu(args, work, threads) if args.gpu else run_cpu(args, work, threads)
+            rows = run_gpu(args, work, workers) if args.gpu else run_cpu(args, work, threads, workers)
             seconds = time.perf_counter() - started
     finally:
         torch.set_num_threads(previous_threads)
-    report = {"machine": machine_info(threads, "cuda" if args.gpu else "cpu"),
+    report = {"machine": {**machine_info(threads, "cuda" if args.gpu else "cpu"), "threads_reason": why,
+                          "reference_workers": workers},
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                            if k != "handler"},
               "seconds": seconds, "rows": [asdict(r) for r in rows],
@@ -121,10 +127,15 @@ def _check_args(args: argparse.Namespace) -> list[str]:
         problems.append(f"--pass-images {args.pass_images}: a multiple of 4 (two balanced reference batches)")
     if args.memory_scale < 4:
         problems.append(f"--memory-scale {args.memory_scale}: the two sizes must be at least 4x apart")
+    if (args.threads is not None and args.threads < 1) or (args.workers is not None and args.workers < 0):
+        problems.append("--threads must be at least 1 and --workers at least 0")
     for name in ("size", "pipeline_images", "embed_batch", "embed_batches", "memory_steps", "memory_batch",
                  "gpu_images", "gpu_batch", "gpu_reference_batches"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be positive")
+    if args.gpu and args.gpu_images // max(1, args.gpu_batch) <= GPU_WARMUP:
+        problems.append(f"--gpu-images {args.gpu_images}: more than {GPU_WARMUP} batches of --gpu-batch "
+                        f"{args.gpu_batch} are needed (the first {GPU_WARMUP} are warm-up)")
     if args.memory_batch % 2 or args.gpu_batch % 2:
         problems.append("--memory-batch and --gpu-batch must be even (class-balanced batches)")
     return problems
@@ -153,6 +164,27 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> tuple[int, str]:
+    """Intra-op threads: the usable cores that other work leaves idle, and why.
+
+    On an oversubscribed machine every operator ends at a barrier that waits for a descheduled thread:
+    measured with two threads on two busy cores, a small ResNet-18 forward took 50x longer than with one.
+    """
+    cores = usable_cores()
+    if not hasattr(os, "getloadavg"):
+        return cores, f"{cores} usable cores"
+    load = os.getloadavg()[0]
+    threads = max(1, min(cores, int(cores - load + 0.5)))
+    if threads == cores:
+        return threads, f"{cores} usable cores, load average {load:.1f}"
+    return threads, (f"{cores} usable cores, but other work keeps the load average at {load:.1f}; more threads than "
+                     "idle cores wait at every operator's barrier")
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def log(message: str) -> None:
@@ -230,6 +262,10 @@ class JpegTriplets(torch.utils.data.Dataset):
         return tuple(out)
 
 
+def mean_kib(paths: list[str]) -> float:
+    return float(np.mean([os.path.getsize(p) for p in paths])) / 1024
+
+
 def reference_transform(size: int, mean: float, std: float, augment):
     """torchvision (v1) transforms on PIL images, as the reference: resize, rotate, jitter, flip, normalise."""
     from torchvision import transforms as T
@@ -259,19 +295,29 @@ def _batch_images(batch) -> int:
     return len(batch[0])
 
 
-def our_batches(array: np.ndarray, rows: np.ndarray, labels: np.ndarray, size: int, device: torch.device,
-                batch: int, count: int, seed: int, channels_last: bool = False):
-    """Our training input: `count` class-balanced batches gathered from the cache and augmented as tensors."""
+def our_source(array: np.ndarray, rows: np.ndarray, labels: np.ndarray, size: int, device: torch.device,
+               channels_last: bool = False):
+    """Our training input (train.CacheBatches): the uint8 cache, batches augmented as tensors on `device`."""
     from .augment import BatchAugment
     from .config import DataConfig
-    from .data.sampler import BalancedBatchSampler
     from .train import CacheBatches
 
     d = DataConfig()
-    source = CacheBatches(SimpleNamespace(array=array), rows, labels, BatchAugment(size, d.mean, d.std, d.augment),
-                          device, "auto", channels_last)
+    return CacheBatches(SimpleNamespace(array=array), rows, labels, BatchAugment(size, d.mean, d.std, d.augment),
+                        device, "auto", channels_last)
+
+
+def our_epoch(source, labels: np.ndarray, batch: int, count: int, seed: int):
+    """`count` class-balanced batches from `source`, as train_siamese draws them."""
+    from .data.sampler import BalancedBatchSampler
+
     sampler = BalancedBatchSampler(labels, batch, seed, balanced=True, epoch_images=batch * count)
     return source.epoch(sampler.batches(), torch.Generator().manual_seed(seed))
+
+
+def our_batches(array: np.ndarray, rows: np.ndarray, labels: np.ndarray, size: int, device: torch.device,
+                batch: int, count: int, seed: int, channels_last: bool = False):
+    return our_epoch(our_source(array, rows, labels, size, device, channels_last), labels, batch, count, seed)
 
 
 # ------------------------------------------------------------------------------------------ CPU bench
@@ -303,48 +349,51 @@ def generate(work: Path, n: int, size: int, seed: int, threads: int) -> tuple[Da
     cache_dir = work / f"cache-{size}"
     for old in cache_dir.glob("*"):  # time a real build, not a reuse
         old.unlink()
-    log(f"building the uint8 cache with {threads} decoding threads ...")
+    log(f"building the uint8 cache with {_count(threads, 'decoding thread')} ...")
     start = time.perf_counter()
     cache = build_cache(paths, size, cache_dir, workers=threads)
     built = time.perf_counter() - start
     if cache.failures:
         raise RuntimeError(f"{len(cache.failures)} generated images did not decode: {cache.failures}")
-    return Data(paths, table["target"].to_numpy(np.int64), cache.array, cache.path), generated, built
+    return Data(paths, np.array(table["target"], dtype=np.int64), cache.array, cache.path), generated, built
 
 
-def run_cpu(args: argparse.Namespace, work: Path, threads: int) -> list[Row]:
+def run_cpu(args: argparse.Namespace, work: Path, threads: int, workers: int) -> list[Row]:
     device = torch.device("cpu")
     data, generated, built = generate(work, args.images, args.size, args.seed, threads)
     rows = [Row("cache build (decode every JPEG once)", args.images / built, None, "images/s", None, "-", None,
                 f"{built:.1f} s for {args.images} images ({generated:.0f} s to generate them); "
-                f"{threads} threads")]
-    rows.append(input_pipelines(data, args, device, threads))
-    rows.append(passes_per_image(data, args, device))
-    rows.append(embedding_speed(data, args, device))
-    rows.append(memory_flatness(data, args, work, threads))
+                f"{_count(threads, 'thread')}")]
+    for measure in (lambda: input_pipelines(data, args, device, threads, workers),
+                    lambda: passes_per_image(data, args, device), lambda: embedding_speed(data, args, device),
+                    lambda: memory_flatness(data, args, work, threads)):
+        start = time.perf_counter()
+        rows.append(measure())
+        log(f"  {rows[-1].name}: {time.perf_counter() - start:.0f} s")
     return rows
 
 
-def input_pipelines(data: Data, args: argparse.Namespace, device: torch.device, threads: int) -> Row:
+def input_pipelines(data: Data, args: argparse.Namespace, device: torch.device, threads: int, workers: int) -> Row:
     from .data.images import sample_triplets
 
-    workers = threads
     batch_triplets, batch = 32, 64
-    ref_batches = workers + math.ceil(args.pipeline_images / (3 * batch_triplets))
+    ref_batches = max(1, workers) + math.ceil(args.pipeline_images / (3 * batch_triplets))
     rng = np.random.default_rng(args.seed)
     all_rows = np.arange(len(data.labels))
     triplets = sample_triplets(all_rows, data.labels, ref_batches * batch_triplets, True, rng)
     log(f"input pipeline, reference: PIL decode + torchvision transforms, triplets of {batch_triplets}, "
         f"{workers} DataLoader workers ...")
     loader = reference_loader(data.paths, triplets, args.size, batch_triplets, workers, args.seed)
-    reference = drain(TimedBatches(loader, warmup=workers, count=_triplet_images))
-    log(f"input pipeline, ours: memmap cache + batched augmentation, batches of {batch}, {threads} threads ...")
+    reference = drain(TimedBatches(loader, warmup=max(1, workers), count=_triplet_images))
+    log(f"input pipeline, ours: memmap cache + batched augmentation, batches of {batch}, "
+        f"{_count(threads, 'thread')} ...")
     batches = our_batches(data.array, all_rows, data.labels, args.size, device, batch,
                           1 + math.ceil(args.pipeline_images / batch), args.seed)
     ours = drain(TimedBatches(batches, warmup=1, count=_batch_images))
     return Row("input pipeline, images/s delivered to the model", ours, reference, "images/s", ours / reference,
                ">= 3x", ours / reference >= 3,
-               f"reference: {workers} workers, 3 images per triplet; ours: in-process, {threads} threads")
+               f"reference: {workers} workers, 3 images per triplet, JPEGs of {mean_kib(data.paths):.0f} KiB on "
+               f"average; ours: in-process, {_count(threads, 'thread')}")
 
 
 class PassCounter:
@@ -422,12 +471,16 @@ def embedding_speed(data: Data, args: argparse.Namespace, device: torch.device) 
 
     torch.manual_seed(args.seed)
     encoder = Encoder(args.backbone, "none", 512).to(device).eval()
-    b, size = args.embed_batch, args.size
+    b = args.embed_batch
     order = np.random.default_rng(args.seed).permutation(len(data.labels))
     needed = b * (args.embed_batches + 1)
     order = np.resize(order, needed)
-    ready = torch.randn(b, 3, size, size, device=device)
     mean, std = DataConfig().mean, DataConfig().std
+    # Model-only input: the same images, already normalised, in the memory layout embed gives the model (a
+    # permuted H x W x 3 batch is channels_last, which runs faster on a CPU than a contiguous one would).
+    pixels = torch.from_numpy(np.asarray(data.array[np.sort(order[:b])]))
+    ready = (pixels.permute(0, 3, 1, 2).to(device).float().div_(255) - mean) / std
+    layout = "channels_last" if ready.is_contiguous(memory_format=torch.channels_last) else "contiguous"
     log(f"embedding: engine.embed from the cache vs the model-only forward, batch {b}, "
         f"{args.embed_batches} timed batches each (alternating) ...")
     with torch.no_grad():
@@ -445,7 +498,8 @@ def embedding_speed(data: Data, args: argparse.Namespace, device: torch.device) 
     images = b * args.embed_batches
     ours, baseline = images / from_cache, images / model_only
     return Row("embedding extraction vs model-only forward", ours, baseline, "images/s", ours / baseline, ">= 0.9",
-               ours / baseline >= 0.9, f"{args.backbone}, batch {b}, {images} images each side, no_grad, fp32")
+               ours / baseline >= 0.9,
+               f"{args.backbone}, batch {b}, {images} images each side, no_grad, fp32, {layout} input on both sides")
 
 
 def read_rss() -> dict[str, int]:
@@ -532,11 +586,11 @@ def memory_flatness(data: Data, args: argparse.Namespace, work: Path, threads: i
         large.unlink(missing_ok=True)
     small_mib, large_mib = small_rss["RssAnon"] / 1024, large_rss["RssAnon"] / 1024
     ratio = large_mib / small_mib
-    gib = data.array[0].nbytes / 2**30
+    mib = data.array[0].nbytes / 2**20
     return Row(f"anonymous RSS at {large_count} vs {args.images} images", large_mib, small_mib, "MiB", ratio,
                "<= 1.25x", ratio <= 1.25,
-               f"RssAnon after {args.memory_steps} steps; the caches are {args.images * gib:.2f} and "
-               f"{large_count * gib:.2f} GiB (file-backed RSS {small_rss['RssFile'] / 1024:.0f} and "
+               f"RssAnon after {args.memory_steps} steps; the caches are {args.images * mib:,.0f} and "
+               f"{large_count * mib:,.0f} MiB (file-backed RSS {small_rss['RssFile'] / 1024:.0f} and "
                f"{large_rss['RssFile'] / 1024:.0f} MiB)")
 
 
@@ -602,19 +656,23 @@ def _train_parts(backbone: str, device: torch.device, channels_last: bool, recip
     return TrainModule(encoder, loss), loss, miner, optimizer
 
 
-def run_gpu(args: argparse.Namespace, work: Path, threads: int) -> list[Row]:
+def run_gpu(args: argparse.Namespace, work: Path, workers: int, device: torch.device = torch.device("cuda")
+            ) -> list[Row]:
+    """Training throughput on the GPU (`device` is a parameter only so the code path can be tried on a CPU)."""
     from .config import RuntimeConfig
     from .data.images import sample_triplets
     from .engine import train_siamese_epoch
     from .train import precision_settings
 
-    device = torch.device("cuda")
-    torch.backends.cudnn.benchmark = True
-    sync = torch.cuda.synchronize
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    gpu_name = torch.cuda.get_device_name(device) if on_gpu else str(device)
     dtype, use_scaler, channels_last = precision_settings(RuntimeConfig(), device)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     n, size, batch = args.gpu_images, args.size, args.gpu_batch
-    log(f"GPU: {torch.cuda.get_device_name(device)}; generating a uint8 cache of {n} {size}x{size} images on it ...")
+    log(f"GPU: {gpu_name}; generating a uint8 cache of {n} {size}x{size} images on it ...")
     start = time.perf_counter()
     array = synthetic_uint8(n, size, device, args.seed)
     made = time.perf_counter() - start
@@ -623,7 +681,7 @@ def run_gpu(args: argparse.Namespace, work: Path, threads: int) -> list[Row]:
                 f"{n} images at {size} px ({array.nbytes / 2**30:.1f} GiB) in {made:.1f} s, no JPEG files")]
     precision = f"{'bf16' if dtype == torch.bfloat16 else 'fp16' if dtype == torch.float16 else 'fp32'}" \
                 f"{' + channels_last' if channels_last else ''}"
-    warmup = 10
+    warmup = GPU_WARMUP
 
     def epoch(module, loss, miner, optimizer, batches, mode, ce_weight, autocast_dtype, step_scaler):
         name = "multi_similarity" if mode == "batch" else "triplet"
@@ -642,17 +700,30 @@ def run_gpu(args: argparse.Namespace, work: Path, threads: int) -> list[Row]:
     model_only = timed.rate
 
     log(f"GPU, ours: one epoch of {n} images, GPU-resident cache, batched GPU augmentation, {precision} ...")
+    source = our_source(array, np.arange(n), labels, size, device, channels_last)
+    resident = "GPU-resident cache" if source.on_device is not None else "cache streamed from pinned memory"
     module, loss, miner, optimizer = _train_parts(args.backbone, device, channels_last, "ours")
-    batches = our_batches(array, np.arange(n), labels, size, device, batch, n // batch, args.seed, channels_last)
-    timed = TimedBatches(batches, warmup, _batch_images, sync)
+    timed = TimedBatches(our_epoch(source, labels, batch, n // batch, args.seed), warmup, _batch_images, sync)
     epoch(module, loss, miner, optimizer, timed, "batch", 1.0, dtype, scaler)
     ours = timed.rate
+    del module, optimizer
+    # Our input alone (gather + augment, nothing trained): is it a throughput limit or only serialised?
+    input_only = drain(TimedBatches(our_epoch(source, labels, batch, warmup + 40, args.seed + 1), warmup,
+                                    _batch_images, sync))
+    del source
+
+    log("GPU, the reference's model-only step: fp32, 32 random triplets already on the GPU ...")
+    module, loss, _, optimizer = _train_parts(args.backbone, device, False, "reference")
+    triplet = tuple(torch.randn(32, 3, size, size, device=device) for _ in range(3))
+    timed = TimedBatches((triplet for _ in range(warmup + 30)), warmup, _triplet_images, sync)
+    epoch(module, loss, None, optimizer, timed, "sampled", 0.0, None, None)
+    reference_model_only = timed.rate
+    del module, optimizer, triplet
 
     reference_images = min(n, 4000)
-    workers = threads
     log(f"GPU, reference's way: writing {reference_images} JPEGs, then PIL + torchvision per sample, "
         f"{workers} DataLoader workers, 32 triplets a batch, fp32 ...")
-    paths = write_jpegs(array[:reference_images], work / "jpeg", threads)
+    paths = write_jpegs(array[:reference_images], work / "jpeg", max(1, workers))
     triplet_batches = workers + warmup + args.gpu_reference_batches
     triplets = sample_triplets(np.arange(reference_images), labels[:reference_images], 32 * triplet_batches, True,
                                np.random.default_rng(args.seed))
@@ -664,10 +735,19 @@ def run_gpu(args: argparse.Namespace, work: Path, threads: int) -> list[Row]:
 
     rows.append(Row("training images/s, all switches on vs model-only step", ours, model_only, "images/s",
                     ours / model_only, ">= 0.9", ours / model_only >= 0.9,
-                    f"{args.backbone}, batch {batch}, {precision}, GPU-resident cache, batched GPU augmentation"))
+                    f"{args.backbone}, batch {batch}, {precision}, {resident}, batched GPU augmentation; "
+                    "model-only: the same step (loss, miner, optimizer) on one random batch already on the GPU"))
     rows.append(Row("training images/s, ours vs the reference's way", ours, reference, "images/s",
                     ours / reference, ">= 3x", ours / reference >= 3,
-                    f"reference: {workers} workers, PIL + torchvision per sample, fp32, 3 passes per triplet"))
+                    f"reference: {workers} workers, PIL + torchvision per sample, JPEGs of {mean_kib(paths):.0f} KiB "
+                    f"on average, fp32, 3 passes per triplet; distinct training images per second: ours {ours:,.0f}, "
+                    f"reference {reference / 3:,.0f}"))
+    rows.append(Row("our input alone (gather + augment on the GPU)", input_only, ours, "images/s",
+                    input_only / ours, "-", None, "baseline: ours training; a high ratio means the input costs time "
+                    "by running in series with the step, not by its throughput"))
+    rows.append(Row("reference's way vs its own model-only step (fp32)", reference, reference_model_only, "images/s",
+                    reference / reference_model_only, "-", None,
+                    "below 1: the reference is input-bound; near 1: its fp32 step, not its input, limits it"))
     return rows
 
 
@@ -705,7 +785,8 @@ def format_report(report: dict) -> str:
     lines = [f"Machine: {m['cpu_count']} CPUs ({m['usable_cores']} usable), {m['processor']}, Python {m['python']}, "
              f"torch {m['torch']}, torchvision {m['torchvision']}, device {m['device']}"
              + (f" ({m['gpu']})" if m.get("gpu") else "")]
-    lines.append(f"torch threads: {m['torch_threads']}"
+    lines.append(f"torch threads: {m['torch_threads']} ({m['threads_reason']}); reference DataLoader workers: "
+                 f"{m['reference_workers']}"
                  + (f"; load average at the end: {' '.join(str(x) for x in m['load_average'])}"
                     if "load_average" in m else ""))
     if m["malloc_env"]:
@@ -725,7 +806,8 @@ def format_report(report: dict) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines.append("")
     for i, row in enumerate(table):
-        lines.append("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
+        lines.append("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w)
+                               for j, (cell, w) in enumerate(zip(row, widths))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")

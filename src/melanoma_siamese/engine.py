@@ -133,7 +133,9 @@ def train_siamese_epoch(
                 if ce_weight > 0:
                     loss = loss + ce_weight * F.cross_entropy(logits.float(), labels, weight=ce_class_weight)
         mined += mined_now
-        if not loss.requires_grad or not torch.isfinite(loss):
+        # A finiteness check reads the loss back to the host; on a GPU that stalls every step, so it is
+        # only done on the CPU (on a GPU a non-finite loss shows in the epoch's mean).
+        if not loss.requires_grad or (device.type == "cpu" and not torch.isfinite(loss)):
             # No pair/triplet in this batch (rare class absent or nothing violates the margin): no step.
             empty += 1
             if not distributed:
@@ -150,10 +152,11 @@ def train_siamese_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total += float(loss.detach())
+        total = total + loss.detach()  # kept on the device: no host sync per step
         count += 1
-        bar.set_postfix(loss=f"{total / count:.4f}")
-    return {"train_loss": total / count if count else float("nan"), "images": images_seen,
+        if progress and count % 20 == 0:
+            bar.set_postfix(loss=f"{float(total) / count:.4f}")
+    return {"train_loss": float(total) / count if count else float("nan"), "images": images_seen,
             "mined": mined, "empty_batches": empty, "steps": count}
 
 
