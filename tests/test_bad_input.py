@@ -1,6 +1,5 @@
 """Each bad input: a message naming file/column/value, exit status 2, nothing half-written."""
 import pandas as pd
-import pytest
 
 from melanoma_siamese.cli import main
 

@@ -7,7 +7,7 @@ import torch
 from melanoma_siamese.engine import embed, sampled_triplet_loss, train_siamese_epoch, warmup_cosine
 from melanoma_siamese.losses import build_loss, build_miner
 from melanoma_siamese.models import Encoder
-from melanoma_siamese.train import TrainModule
+from melanoma_siamese.stage1 import TrainModule
 
 LOSSES = ["triplet", "contrastive", "multi_similarity", "supcon", "arcface"]
 MINERS = ["all", "semihard", "hard", "batch_hard", "multi_similarity"]

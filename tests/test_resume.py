@@ -46,8 +46,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tiny_data, tmp_path):
 
 
 def test_state_holds_every_rng_and_loads_weights_only(tmp_path):
-    from melanoma_siamese.checkpoint import atomic_save, rng_state, set_rng_state
-    from melanoma_siamese.train import seed_everything
+    from melanoma_siamese.checkpoint import atomic_save
+    from melanoma_siamese.rng import rng_state, seed_everything, set_rng_state
 
     seed_everything(3)  # the library's generator becomes its own RandomState, as in training
     state = rng_state()

@@ -297,10 +297,10 @@ def _batch_images(batch) -> int:
 
 def our_source(array: np.ndarray, rows: np.ndarray, labels: np.ndarray, size: int, device: torch.device,
                channels_last: bool = False):
-    """Our training input (train.CacheBatches): the uint8 cache, batches augmented as tensors on `device`."""
+    """Our training input (stage1.CacheBatches): the uint8 cache, batches augmented as tensors on `device`."""
     from .augment import BatchAugment
     from .config import DataConfig
-    from .train import CacheBatches
+    from .stage1 import CacheBatches
 
     d = DataConfig()
     return CacheBatches(SimpleNamespace(array=array), rows, labels, BatchAugment(size, d.mean, d.std, d.augment),
@@ -419,7 +419,7 @@ def short_epoch_passes(recipe: str, array: np.ndarray, rows: np.ndarray, labels:
     from .engine import sampled_triplet_loss, train_siamese_epoch
     from .losses import build_loss, build_miner
     from .models import Encoder
-    from .train import TrainModule
+    from .stage1 import TrainModule
 
     torch.manual_seed(seed)
     d = DataConfig()
@@ -527,7 +527,7 @@ def memory_probe(cache_path: str, backbone: str, size: int, batch: int, steps: i
     from .engine import train_siamese_epoch
     from .losses import build_loss, build_miner
     from .models import Encoder
-    from .train import CacheBatches, TrainModule
+    from .stage1 import CacheBatches, TrainModule
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -643,7 +643,7 @@ def _train_parts(backbone: str, device: torch.device, channels_last: bool, recip
     from .engine import sampled_triplet_loss
     from .losses import build_loss, build_miner
     from .models import Encoder
-    from .train import TrainModule
+    from .stage1 import TrainModule
 
     encoder = Encoder(backbone, "none", 512, ce_head=recipe == "ours").to(device)
     if channels_last:
@@ -662,7 +662,7 @@ def run_gpu(args: argparse.Namespace, work: Path, workers: int, device: torch.de
     from .config import RuntimeConfig
     from .data.images import sample_triplets
     from .engine import train_siamese_epoch
-    from .train import precision_settings
+    from .stage1 import precision_settings
 
     on_gpu = device.type == "cuda"
     if on_gpu:

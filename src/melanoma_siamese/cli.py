@@ -147,7 +147,6 @@ def cmd_evaluate(args: argparse.Namespace, log=print) -> int:
     from .data.prepare import apply_saved_split, load_and_validate
     from .engine import resolve_device
     from .evaluate import evaluate_run
-    from .train import DataSource
 
     run = args.run
     if not (run / "config.yaml").is_file():

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import load_config
 from .metrics import paired_bootstrap_auc
 
 COLUMNS = [
@@ -59,8 +58,10 @@ def summarise(rows: pd.DataFrame, recipes: list[str]) -> pd.DataFrame:
         line = {"recipe": recipe, "seeds": len(r)}
         for key, name in COLUMNS:
             values = r[key].astype(float)
-            line[name] = f"{values.mean():.3f} ± {values.std(ddof=0):.3f}" if key != "train_seconds" \
-                else f"{values.mean():.0f}"
+            if key == "train_seconds":
+                line[name] = f"{values.mean():.0f}"
+            else:  # mean ± standard deviation over seeds (no spread from a single seed)
+                line[name] = f"{values.mean():.3f}" + (f" ± {values.std(ddof=0):.3f}" if len(r) > 1 else "")
         line["ROC AUC 95% CI (mean of seeds)"] = f"{r['roc_auc_ci_low'].mean():.3f}-{r['roc_auc_ci_high'].mean():.3f}"
         out.append(line)
     return pd.DataFrame(out)

@@ -1,8 +1,6 @@
 """Numbers from labels, probabilities and embeddings. No models, no files."""
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 from sklearn import metrics as skm
