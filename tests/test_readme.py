@@ -42,3 +42,16 @@ def test_readme_command_parses(command):
     if words == ["--help"]:
         return
     build_parser().parse_args([w for w in words if w])
+
+
+def test_experiment_script_commands_parse():
+    """The README's comparison script: run it with `echo` for the binary, parse what it would run."""
+    import subprocess
+
+    out = subprocess.run(["bash", str(ROOT / "experiments" / "compare_ham.sh")], capture_output=True, text=True,
+                         env={"BIN": "echo", "SEEDS": "0 1", "PATH": "/usr/bin:/bin"}, cwd=ROOT, check=True)
+    commands = [shlex.split(line) for line in out.stdout.splitlines() if line.startswith("compare")]
+    assert len(commands) == 4
+    for words in commands:
+        args = build_parser().parse_args(words)
+        assert args.configs[0] == "configs/default.yaml" and "configs/plain-ce.yaml" in args.configs
