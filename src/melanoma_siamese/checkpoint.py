@@ -47,29 +47,31 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_checkpoint(path: Path) -> dict:
+def _read(path: Path, what: str, absent: str) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(absent)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): {exc}") from exc
-    if not isinstance(data, dict) or "state_dict" not in data or "kind" not in data:
+        raise CheckpointError(f"{what} {path} cannot be read (truncated or not a {what}): {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a melanoma-siamese {what}")
+    return data
+
+
+def load_checkpoint(path: Path) -> dict:
+    data = _read(path, "checkpoint", f"checkpoint {path} does not exist")
+    if "state_dict" not in data or "kind" not in data:
         raise CheckpointError(f"checkpoint {path} is not a melanoma-siamese checkpoint (no 'kind'/'state_dict')")
     return data
 
 
 def load_training_state(path: Path) -> dict:
     """The end-of-epoch training state `train --resume` continues from."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"nothing to resume: {path} does not exist (it is written at the end of each epoch)")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"training state {path} cannot be read (truncated or not a state file): {exc}") from exc
-    if not isinstance(data, dict) or data.get("stage") != "siamese":
+    data = _read(path, "training state",
+                 f"nothing to resume: {path} does not exist (it is written at the end of each epoch)")
+    if data.get("stage") != "siamese":
         raise CheckpointError(f"{path} is not a melanoma-siamese training state")
     data["model"] = strip_prefixes(data["model"])
     return data

@@ -120,11 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume is not None:
         run = args.resume
-        if not (run / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run}: not a run folder (config.yaml is missing)")
-        if args.config:
-            raise ConfigError("--resume uses the run's own config.yaml; --config is not accepted (use --set)")
-        config = resolve_config(args, base=run / "config.yaml")
+        config = _run_config(args, run, "train --resume")
         source = _source(args) if (args.data or args.metadata) else _saved_source(run)
         run_train(config, source, run, args.stage, resume=True)
         print(f"Run folder: {run}")
@@ -134,6 +130,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_train(config, _source(args), out, args.stage)
     print(f"Run folder: {out}")
     return 0
+
+
+def _run_config(args: argparse.Namespace, run: Path, command: str) -> Config:
+    """A run's own saved configuration, with this command's --set overrides."""
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run} is not a run folder: config.yaml is missing (train writes it)")
+    if args.config:
+        raise ConfigError(f"{command} uses the run's own config.yaml; --config is not accepted (use --set)")
+    return resolve_config(args, base=run / "config.yaml")
 
 
 def _saved_source(run: Path):
@@ -149,11 +154,7 @@ def cmd_evaluate(args: argparse.Namespace, log=print) -> int:
     from .evaluate import evaluate_run
 
     run = args.run
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run} is not a run folder: config.yaml is missing (train writes it)")
-    if args.config:
-        raise ConfigError("evaluate uses the run's own config.yaml; --config is not accepted (use --set)")
-    config = resolve_config(args, base=run / "config.yaml")
+    config = _run_config(args, run, "evaluate")
     external = args.data is not None or args.metadata is not None
     if external:
         source = _source(args)
