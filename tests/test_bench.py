@@ -20,7 +20,10 @@ def test_bench_reports_every_measurement(tmp_path, capsys):
     assert report["machine"]["torch_threads"] >= 1 and isinstance(report["machine"]["malloc_env"], dict)
     rows = {row["name"].split(",")[0].split(" at ")[0]: row for row in report["rows"]}
     assert set(rows) == {"cache build (decode every JPEG once)", "input pipeline", "backbone passes per training "
-                         "image per epoch", "embedding extraction vs model-only forward", "anonymous RSS"}
+                         "image per epoch", "embedding extraction vs model-only forward", "anonymous RSS",
+                         "per-image CPU latency"}
+    latency = rows["per-image CPU latency"]
+    assert latency["unit"] == "ms" and latency["passed"] is None
     for row in report["rows"]:
         assert math.isfinite(row["ours"]) and row["ours"] > 0, row
         if row["passed"] is not None:

@@ -366,11 +366,46 @@ def run_cpu(args: argparse.Namespace, work: Path, threads: int, workers: int) ->
                 f"{_count(threads, 'thread')}")]
     for measure in (lambda: input_pipelines(data, args, device, threads, workers),
                     lambda: passes_per_image(data, args, device), lambda: embedding_speed(data, args, device),
-                    lambda: memory_flatness(data, args, work, threads)):
+                    lambda: memory_flatness(data, args, work, threads),
+                    lambda: inference_latency(data, args, work, threads)):
         start = time.perf_counter()
         rows.append(measure())
         log(f"  {rows[-1].name}: {time.perf_counter() - start:.0f} s")
     return rows
+
+
+def inference_latency(data: Data, args: argparse.Namespace, work: Path, threads: int) -> Row:
+    """Per-image CPU latency of the whole predictor (uint8 image in, probability out): onnxruntime vs PyTorch."""
+    from .export import PixelModel, export_pixel_model
+    from .models import Classifier, Encoder
+
+    name = "per-image CPU latency, onnxruntime vs PyTorch"
+    try:
+        from .export import onnx_scorer
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return Row(name, float("nan"), None, "ms", None, "-", None, "onnxruntime is not installed (extra [export])")
+    log(f"latency: one image at a time through encoder + classifier, PyTorch and onnxruntime, {threads} thread(s) ...")
+    torch.manual_seed(args.seed)
+    model = PixelModel(Encoder(args.backbone, "none"), Classifier(), 0.5, 0.5).eval()
+    path = export_pixel_model(model, args.size, work / "latency.onnx")
+    session = onnx_scorer(path, threads=threads)
+    images = [np.ascontiguousarray(data.array[i:i + 1]) for i in range(min(12, len(data.array)))]
+
+    def median_ms(run) -> float:
+        run(images[0])  # warm-up
+        times = []
+        for image in images:
+            start = time.perf_counter()
+            run(image)
+            times.append(time.perf_counter() - start)
+        return 1000 * float(np.median(times))
+
+    with torch.no_grad():
+        torch_ms = median_ms(lambda image: model(torch.from_numpy(image)))
+    onnx_ms = median_ms(session)
+    return Row(name, onnx_ms, torch_ms, "ms", torch_ms / onnx_ms, "-", None,
+               f"{args.backbone} at {args.size} px, batch 1, median of {len(images)} images; ratio = PyTorch / onnxruntime")
 
 
 def input_pipelines(data: Data, args: argparse.Namespace, device: torch.device, threads: int, workers: int) -> Row:

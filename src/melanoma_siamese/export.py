@@ -40,8 +40,14 @@ def default_onnx_path(run_dir: Path) -> Path:
 
 
 def export_onnx(run: LoadedRun, path: Path, opset: int = OPSET) -> Path:
-    size = run.config.data.image_size
     model = PixelModel(run.encoder.cpu(), run.classifier.cpu(), run.config.data.mean, run.config.data.std).eval()
+    export_pixel_model(model, run.config.data.image_size, path, opset)
+    run.encoder.to(run.device)
+    return path
+
+
+def export_pixel_model(model: PixelModel, size: int, path: Path, opset: int = OPSET) -> Path:
+    """Write one ONNX file (uint8 N x size x size x 3 in; embedding and probability out), checked by onnx."""
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -50,7 +56,6 @@ def export_onnx(run: LoadedRun, path: Path, opset: int = OPSET) -> Path:
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
                           input_names=["images"], output_names=["embedding", "probability"],
                           dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}, "probability": {0: "batch"}})
-    run.encoder.to(run.device)
     import onnx
 
     onnx.checker.check_model(str(path))
