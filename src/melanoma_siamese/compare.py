@@ -113,6 +113,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             metrics = run_train(config, DataSource(data=args.data), run_dir)
             seconds = metrics.get("baseline", {}).get("siamese_seconds", float("nan"))
             row = {"recipe": recipe, "seed": seed, **run_row(metrics, seconds)}
+            if not rows.empty:  # a row whose run folder is gone was retrained: replace it
+                rows = rows[~((rows["recipe"] == recipe) & (rows["seed"] == seed))]
             rows = pd.concat([rows, pd.DataFrame([row])], ignore_index=True)
             rows.to_csv(rows_file, index=False)
     table = summarise(rows, recipes)
