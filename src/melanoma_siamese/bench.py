@@ -390,7 +390,7 @@ def inference_latency(data: Data, args: argparse.Namespace, work: Path, threads:
     model = PixelModel(Encoder(args.backbone, "none"), Classifier(), 0.5, 0.5).eval()
     path = export_pixel_model(model, args.size, work / "latency.onnx")
     session = onnx_scorer(path, threads=threads)
-    images = [np.ascontiguousarray(data.array[i:i + 1]) for i in range(min(12, len(data.array)))]
+    images = [np.array(data.array[i:i + 1]) for i in range(min(12, len(data.array)))]
 
     def median_ms(run) -> float:
         run(images[0])  # warm-up
