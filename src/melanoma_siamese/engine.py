@@ -23,6 +23,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def balanced_class_weights(labels: np.ndarray) -> torch.Tensor:
+    """Inverse-frequency weights for a two-class cross-entropy (n / (2 n_c)), as scikit-learn's 'balanced'."""
+    counts = np.bincount(np.asarray(labels), minlength=2).astype(float)
+    return torch.tensor(len(labels) / (2 * np.maximum(counts, 1)), dtype=torch.float32)
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """LR multiplier: linear warm-up, then cosine decay to zero at total_steps."""
     def factor(step: int) -> float:

@@ -30,7 +30,8 @@ from .data.images import CachedImages, TripletImages, sample_triplets, train_tra
 from .data.prepare import Prepared
 from .data.sampler import BalancedBatchSampler
 from .distributed import Dist, all_gather_objects
-from .engine import embed, embedding_loss, sampled_triplet_loss, train_siamese_epoch, warmup_cosine
+from .engine import (balanced_class_weights, embed, embedding_loss, sampled_triplet_loss, train_siamese_epoch,
+                     warmup_cosine)
 from .losses import build_loss, build_miner
 from .metrics import knn_probabilities, retrieval_metrics, similarity_stats
 from .models import Encoder
@@ -233,8 +234,7 @@ def train_siamese(config: Config, prepared: Prepared, device: torch.device, run_
             optimizer, warmup_cosine(total, int(s.warmup_epochs * steps_per_epoch)))
     class_weight = None
     if s.ce_weight > 0 and s.ce_class_weight:
-        counts = np.bincount(train_labels, minlength=2).astype(float)
-        class_weight = torch.tensor(len(train_labels) / (2 * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+        class_weight = balanced_class_weights(train_labels).to(device)
     sampler = BalancedBatchSampler(train_labels, s.batch_size, rt.seed, s.balanced, epoch_images,
                                    d.rank, d.world_size) if mode == "batch" else None
     transform = train_transform(dc.image_size, dc.mean, dc.std, dc.augment)

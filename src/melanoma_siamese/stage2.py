@@ -4,12 +4,11 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .config import Config
 from .data.prepare import Prepared
-from .engine import embed, evaluate_classifier, train_classifier_epoch
+from .engine import balanced_class_weights, embed, evaluate_classifier, train_classifier_epoch
 from .models import Classifier, Encoder
 from .rng import seed_everything
 
@@ -31,8 +30,7 @@ def train_classifier(config: Config, encoder: Encoder, prepared: Prepared, devic
     labels = {part: torch.as_tensor(prepared.labels(part)) for part in ("train", "val")}
     weight = None
     if c.class_weight == "balanced":
-        counts = np.bincount(labels["train"].numpy(), minlength=2).astype(float)
-        weight = torch.tensor(len(labels["train"]) / (2 * np.maximum(counts, 1)), dtype=torch.float32)
+        weight = balanced_class_weights(labels["train"].numpy())
     model = Classifier(config.model.embedding_dim, c.dropout)
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     generator = torch.Generator().manual_seed(config.runtime.seed)
