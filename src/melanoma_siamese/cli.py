@@ -149,9 +149,10 @@ def _saved_source(run: Path):
 
 
 def cmd_evaluate(args: argparse.Namespace, log=print) -> int:
-    from .data.prepare import apply_saved_split, load_and_validate
+    from .data.prepare import apply_saved_split
     from .engine import resolve_device
     from .evaluate import evaluate_run
+    from .train import load_source
 
     run = args.run
     config = _run_config(args, run, "evaluate")
@@ -160,10 +161,7 @@ def cmd_evaluate(args: argparse.Namespace, log=print) -> int:
         source = _source(args)
     else:
         source = _saved_source(run)
-    d = config.data
-    prepared = load_and_validate(source.data, source.metadata, source.images, d.image_size, d.skip_bad_images,
-                                 Path(d.cache_dir) if d.cache_dir else None, max(1, config.runtime.num_workers) * 2,
-                                 config.runtime.progress, log)
+    prepared = load_source(config, source, config.runtime.progress, log)
     if not external:
         apply_saved_split(prepared, run / "split.csv")
     device = resolve_device(config.runtime.device)

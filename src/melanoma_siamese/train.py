@@ -40,6 +40,14 @@ class DataSource:
         return {k: str(Path(v).resolve()) if v is not None else None for k, v in vars(self).items()}
 
 
+def load_source(config: Config, source: DataSource, progress: bool, log: Log) -> Prepared:
+    """Read, decode (through the cache) and validate a data source as the configuration says."""
+    d = config.data
+    return load_and_validate(source.data, source.metadata, source.images, d.image_size, d.skip_bad_images,
+                             Path(d.cache_dir) if d.cache_dir else None, max(1, config.runtime.num_workers) * 2,
+                             progress, log)
+
+
 def run_info(config: Config, device: torch.device, source: DataSource, prepared: Prepared) -> dict:
     import pytorch_metric_learning
     import sklearn
@@ -112,9 +120,7 @@ def run_train(config: Config, source: DataSource, run_dir: Path, stage: str = "a
     if not d.main:
         log = lambda line: None  # noqa: E731
     run_dir = Path(run_dir)
-    prepared = load_and_validate(source.data, source.metadata, source.images, config.data.image_size,
-                                 config.data.skip_bad_images, Path(config.data.cache_dir) if config.data.cache_dir else None,
-                                 max(1, config.runtime.num_workers) * 2, config.runtime.progress and d.main, log)
+    prepared = load_source(config, source, config.runtime.progress and d.main, log)
     split_file = run_dir / "split.csv"
     state_file = run_dir / "state" / "siamese_last.pth"
     resume_state = load_training_state(state_file) if resume else None
