@@ -34,3 +34,10 @@ def test_compare_writes_table_and_resumes(tiny_data, tmp_path, capsys, monkeypat
     assert "demo seed 0: done, kept" in printed and "plain-ce seed 0: done, kept" in printed
     assert (out / "demo" / "seed0" / "metrics.json").stat().st_mtime_ns == stamp
     assert len(pd.read_csv(out / "runs.csv")) == 2
+    # --table-only trains nothing: a seed never run is reported as missing and the table keeps seed 0.
+    capsys.readouterr()
+    assert main(args[:args.index("--seeds")] + ["--seeds", "0", "1"] + args[args.index("--seeds") + 2:]
+                + ["--table-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "demo seed 1: not finished, left out of the table (--table-only)" in printed
+    assert not (out / "demo" / "seed1").exists() and len(pd.read_csv(out / "runs.csv")) == 2

@@ -22,6 +22,12 @@ def test_overrides_are_typed():
     assert config.data.train_melanoma_fraction == 0.05
 
 
+def test_bare_off_and_on_stay_words():
+    """YAML 1.1 reads `off`/`on` as booleans; for a text setting they mean the words."""
+    config = load_config(None, ["runtime.amp=off", "runtime.channels_last=on"])
+    assert config.runtime.amp == "off" and config.runtime.channels_last == "on"
+
+
 def test_unknown_key_lists_valid_ones():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["model.backbon=resnet18"])

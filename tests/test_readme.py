@@ -55,3 +55,23 @@ def test_experiment_script_commands_parse():
     for words in commands:
         args = build_parser().parse_args(words)
         assert args.configs[0] == "configs/default.yaml" and "configs/plain-ce.yaml" in args.configs
+
+
+def test_gpu_experiment_script_commands_parse(tmp_path):
+    """The GPU variant: one compare per (prevalence, seed) in parallel, then table-only merges."""
+    import subprocess
+
+    out = subprocess.run(["bash", str(ROOT / "experiments" / "compare_ham_gpu.sh")], capture_output=True, text=True,
+                         env={"PY": "echo", "RUNS": str(tmp_path), "SEEDS": "0 1", "PATH": "/usr/bin:/bin"},
+                         cwd=ROOT, check=True)
+    logs = sorted((tmp_path / "parts").glob("*.log"))
+    assert [p.name for p in logs] == ["gpu-ham-5pct-seed0.log", "gpu-ham-5pct-seed1.log", "gpu-ham-seed0.log",
+                                      "gpu-ham-seed1.log"]
+    lines = [p.read_text() for p in logs] + [line for line in out.stdout.splitlines() if "compare" in line]
+    assert len(lines) == 6
+    for line in lines:
+        words = shlex.split(line)
+        assert words[:2] == ["-m", "melanoma_siamese"]
+        args = build_parser().parse_args(words[2:])
+        assert args.configs[0] == "configs/default.yaml" and args.device == "cuda"
+    assert sum("--table-only" in line for line in lines) == 2

@@ -37,6 +37,26 @@ class BatchAugment:
 
     def __init__(self, size: int, mean: float, std: float, augment: AugmentConfig):
         self.size, self.mean, self.std, self.cfg = size, mean, std, augment
+        self._constants: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def constants(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(grey weights, RGB->YIQ, YIQ->RGB) on `device`, made once: a copy from pageable memory or
+        a GPU matrix inverse would each stall the GPU queue on every batch."""
+        key = (str(device), dtype)
+        if key not in self._constants:
+            self._constants[key] = tuple(t.to(device, dtype) for t in (GRAY, _RGB_TO_YIQ, torch.linalg.inv(_RGB_TO_YIQ)))
+        return self._constants[key]
+
+    @staticmethod
+    def to_device(p: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """All parameters to `device` in one asynchronous copy (packed, pinned on a GPU)."""
+        if device.type == "cpu":
+            return p
+        packed = torch.stack([v.float() for v in p.values()])
+        if device.type == "cuda":
+            packed = packed.pin_memory()
+        packed = packed.to(device, non_blocking=True)
+        return {k: row if p[k].dtype != torch.bool else row > 0.5 for k, row in zip(p, packed)}
 
     def parameters(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Per-image random parameters (drawn on the CPU so a seed gives the same stream on any device)."""
@@ -64,20 +84,19 @@ class BatchAugment:
         sy = 1 - 2 * p["vflip"].float()
         # affine_grid maps output coordinates to input ones: rotate by -angle (counter-clockwise image
         # rotation, as torchvision), then flip.
-        matrix = torch.zeros(n, 2, 3)
-        matrix[:, 0, 0], matrix[:, 0, 1] = cos * sx, -sin * sy
-        matrix[:, 1, 0], matrix[:, 1, 1] = sin * sx, cos * sy
-        grid = F.affine_grid(matrix.to(x.device, x.dtype), [n, 3, self.size, self.size], align_corners=False)
+        zero = torch.zeros_like(cos)
+        matrix = torch.stack([cos * sx, -sin * sy, zero, sin * sx, cos * sy, zero], dim=1).view(n, 2, 3)
+        grid = F.affine_grid(matrix.to(x.dtype), [n, 3, self.size, self.size], align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     def colour(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """Brightness, contrast, saturation, hue as one affine map per image: x' = M x + o, clamped.
 
-        Built on x's device from small tensors, so a GPU batch needs no read-back to the host.
+        Built on x's device from small tensors (`p` already there), so a GPU batch needs no read-back.
         """
         n, device, dtype = len(x), x.device, x.dtype
-        p = {k: v.to(device, dtype, non_blocking=True) for k, v in p.items() if k != "angle"}
-        gray = GRAY.to(device, dtype)
+        p = {k: v.to(dtype) for k, v in p.items() if k != "angle"}
+        gray, yiq, yiq_inverse = self.constants(device, dtype)
         eye = torch.eye(3, device=device, dtype=dtype).expand(n, 3, 3)
         mean_rgb = x.mean(dim=(2, 3))  # B x 3, before jitter
         m = eye * p["brightness"].view(n, 1, 1)
@@ -95,12 +114,11 @@ class BatchAugment:
         cos, sin = torch.cos(angle), torch.sin(angle)
         zero, one = torch.zeros_like(cos), torch.ones_like(cos)
         rot = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], dim=1).view(n, 3, 3)
-        yiq = _RGB_TO_YIQ.to(device, dtype)
-        hue = torch.linalg.inv(yiq) @ rot @ yiq
+        hue = yiq_inverse @ rot @ yiq
         m, o = hue @ m, (hue @ o.unsqueeze(2)).squeeze(2)
         return (torch.einsum("bij,bjhw->bihw", m, x) + o.view(n, 3, 1, 1)).clamp_(0, 1)
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        p = self.parameters(len(batch), generator)
+        p = self.to_device(self.parameters(len(batch), generator), batch.device)
         x = self.geometry(batch.permute(0, 3, 1, 2).float().div_(255), p)
         return normalize(self.colour(x, p), self.mean, self.std)

@@ -239,6 +239,26 @@ def drain(timed: TimedBatches) -> float:
     return timed.rate
 
 
+def host_syncs_per_batch(batches: Iterable, skip: int, count: int) -> float:
+    """Mean number of times making one batch made the host wait for the GPU (CUDA's sync debug mode),
+    over `count` batches after `skip` (one-off set-up such as copying constants is not counted)."""
+    import warnings
+
+    it = iter(batches)
+    for _ in range(skip):
+        next(it)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(count):
+                next(it)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    # Turning the mode on itself warns once that it is a prototype: not a sync.
+    return sum("synchronizing" in str(w.message) and "prototype" not in str(w.message) for w in caught) / count
+
+
 # ------------------------------------------------------------------------------- the reference's input
 
 
@@ -745,6 +765,8 @@ def run_gpu(args: argparse.Namespace, work: Path, workers: int, device: torch.de
     # Our input alone (gather + augment, nothing trained): is it a throughput limit or only serialised?
     input_only = drain(TimedBatches(our_epoch(source, labels, batch, warmup + 40, args.seed + 1), warmup,
                                     _batch_images, sync))
+    syncs = (host_syncs_per_batch(our_epoch(source, labels, batch, 30, args.seed + 2), 5, 20) if on_gpu
+             else None)
     del source
 
     log("GPU, the reference's model-only step: fp32, 32 random triplets already on the GPU ...")
@@ -780,6 +802,10 @@ def run_gpu(args: argparse.Namespace, work: Path, workers: int, device: torch.de
     rows.append(Row("our input alone (gather + augment on the GPU)", input_only, ours, "images/s",
                     input_only / ours, "-", None, "baseline: ours training; a high ratio means the input costs time "
                     "by running in series with the step, not by its throughput"))
+    rows.append(Row("host waits for the GPU per batch of our input", syncs, None, "syncs/batch", None, "0",
+                    None if syncs is None else syncs == 0,
+                    "CUDA sync debug mode while gathering and augmenting: each wait drains the GPU queue and "
+                    "exposes the launch time of the next step's kernels"))
     rows.append(Row("reference's way vs its own model-only step (fp32)", reference, reference_model_only, "images/s",
                     reference / reference_model_only, "-", None,
                     "below 1: the reference is input-bound; near 1: its fp32 step, not its input, limits it"))

@@ -31,6 +31,8 @@ def add_parser(sub, common) -> None:
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the one split every run shares")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--skip-bad-images", action="store_true")
+    parser.add_argument("--table-only", action="store_true", help="train nothing: tabulate the finished rows "
+                        "(e.g. after merging run folders made by several processes or machines)")
     common(parser)
     parser.set_defaults(handler=cmd_compare)
 
@@ -104,6 +106,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             done = not rows.empty and ((rows["recipe"] == recipe) & (rows["seed"] == seed)).any()
             if done and (run_dir / "metrics.json").is_file():
                 print(f"[compare] {recipe} seed {seed}: done, kept")
+                continue
+            if args.table_only:
+                print(f"[compare] {recipe} seed {seed}: not finished, left out of the table (--table-only)")
                 continue
             args.seed = seed
             config = resolve_config(args, base=Path(config_file))

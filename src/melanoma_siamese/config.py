@@ -205,6 +205,8 @@ def _coerce(value: Any, default: Any, annotation: Any, path: str) -> Any:
             pass
     if target is int and isinstance(value, int) and not isinstance(value, bool):
         return value
+    if target is str and isinstance(value, bool):  # YAML 1.1 reads a bare off/on/no/yes as a boolean
+        return "on" if value else "off"
     if target is str:
         return str(value)
     raise ConfigError(f"{path}: expected {target.__name__}, got {value!r}")

@@ -135,10 +135,23 @@ class CacheBatches:
                 self.on_device = torch.from_numpy(np.ascontiguousarray(self.array[np.sort(rows)])).to(device)
                 self.position = np.searchsorted(np.sort(rows), rows)
 
+    def _upload(self, values: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
     def epoch(self, batches: list[np.ndarray], generator: torch.Generator):
+        # The epoch's indices go to the device in one asynchronous copy: a copy per batch from pageable
+        # memory would wait for the GPU queue to drain every step.
+        flat = np.concatenate(batches) if len(batches) else np.zeros(0, dtype=np.int64)
+        labels = self.labels[self._upload(flat)]
+        positions = self._upload(self.position[flat]) if self.on_device is not None else None
+        start = 0
         for idx in batches:
-            if self.on_device is not None:
-                pixels = self.on_device[torch.as_tensor(self.position[idx], device=self.device)]
+            end = start + len(idx)
+            if positions is not None:
+                pixels = self.on_device[positions[start:end]]
             else:
                 pixels = torch.from_numpy(np.asarray(self.array[self.rows[idx]]))
                 if self.device.type == "cuda":
@@ -146,7 +159,8 @@ class CacheBatches:
             images = self.augment(pixels, generator)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            yield images, self.labels[torch.as_tensor(idx, device=self.device)], idx
+            yield images, labels[start:end], idx
+            start = end
 
 
 def _fault_hook(epoch: int) -> Optional[Callable[[int], None]]:
