@@ -41,6 +41,33 @@ def test_cache_is_reused_and_rebuilt_when_data_changes(tmp_path):
     assert changed.path != first.path and changed.array[0].mean() > 150
 
 
+def _build_after(barrier, paths, cache_dir, results):
+    barrier.wait()
+    try:
+        build_cache(paths, 16, cache_dir, workers=1)
+        results.put("ok")
+    except Exception as exc:  # reported to the test, not lost in the child
+        results.put(repr(exc))
+
+
+def test_processes_building_one_cache_at_once_all_succeed(tmp_path):
+    """Runs started side by side (compare on one GPU, DDP ranks) build the same cache concurrently."""
+    import multiprocessing as mp
+
+    paths = [str(write_image(tmp_path / f"{i}.jpg", color=(i * 20, 40, 60))) for i in range(12)]
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_build_after, args=(barrier, paths, tmp_path / "cache", results)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    assert outcomes == ["ok"] * 4
+    cache = build_cache(paths, 16, tmp_path / "cache")
+    assert cache.array.shape == (12, 16, 16, 3) and not list((tmp_path / "cache").glob("*tmp*"))
+
+
 def test_decode_reduces_large_jpeg(tmp_path):
     path = write_image(tmp_path / "huge.jpg", size=(2000, 1500))
     pixels, notes = decode_image(path, 64)
@@ -61,3 +88,36 @@ def test_sampled_triplets_respect_classes():
     trip = sample_triplets(rows, labels, 200, balanced=True, rng=np.random.default_rng(0))
     assert (labels[trip[:, 0]] == labels[trip[:, 1]]).all() and (labels[trip[:, 0]] != labels[trip[:, 2]]).all()
     assert 0.4 < (labels[trip[:, 0]] == 1).mean() < 0.6  # balanced anchors
+
+
+def test_per_sample_augmentation_is_the_same_with_any_workers():
+    """The reference's loader: one DataLoader for the whole run (persistent workers). An item's
+    augmentation is a function of its seed alone: the same with 0 or 2 workers, in every epoch, and the
+    global torch generator of the process is left as it was."""
+    from torch.utils.data import DataLoader
+
+    from melanoma_siamese.config import AugmentConfig
+    from melanoma_siamese.data.images import EpochBatches, TripletImages, item_seeds, sample_triplets, triplet_keys
+
+    array = np.random.default_rng(0).integers(0, 255, (12, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(12) % 2
+    transform = train_transform(16, 0.5, 0.5, AugmentConfig())
+    results = {}
+    for workers in (0, 2):
+        batches = EpochBatches()
+        loader = DataLoader(TripletImages(array, transform), batch_sampler=batches, num_workers=workers,
+                            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(123)
+        before = torch.get_rng_state()
+        epochs = []
+        for epoch in (1, 2):
+            triplets = sample_triplets(np.arange(12), labels, 8, True, np.random.default_rng([0, epoch]))
+            keys = triplet_keys(triplets, item_seeds(0, epoch, 8))
+            batches.set([keys[:4], keys[4:]])
+            epochs.append([torch.cat(b) for b in loader])
+        assert torch.equal(torch.get_rng_state(), before)
+        results[workers] = epochs
+        del loader
+    for a, b in zip(results[0], results[2]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(results[0][0][0], results[0][1][0])  # new triplets and seeds each epoch

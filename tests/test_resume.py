@@ -20,11 +20,17 @@ def _train(*extra, env=None):
                           text=True, env={**os.environ, **(env or {})}, timeout=600)
 
 
+# The reference's sampled triplets run per-sample transforms in 2 persistent DataLoader workers.
+SAMPLED = ["--set", "siamese.mining=sampled", "--set", "siamese.loss=triplet", "--set", "siamese.ce_weight=0",
+           "--set", "runtime.num_workers=2"]
+
+
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_is_bit_exact(tiny_data, tmp_path):
+@pytest.mark.parametrize("recipe", [[], SAMPLED], ids=["in-batch", "sampled-triplets-with-workers"])
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(tiny_data, tmp_path, recipe):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    assert _train("--data", str(tiny_data), "--out", str(straight), *ARGS).returncode == 0
-    killed = _train("--data", str(tiny_data), "--out", str(broken), *ARGS,
+    assert _train("--data", str(tiny_data), "--out", str(straight), *ARGS, *recipe).returncode == 0
+    killed = _train("--data", str(tiny_data), "--out", str(broken), *ARGS, *recipe,
                     env={"MELANOMA_SIAMESE_FAULT_AT": "2:2"})
     assert killed.returncode == -signal.SIGKILL
     assert load_training_state(broken / "state" / "siamese_last.pth")["epoch"] == 1

@@ -470,7 +470,7 @@ def short_epoch_passes(recipe: str, array: np.ndarray, rows: np.ndarray, labels:
     """Backbone passes per training image in one epoch over `rows` of the recipe: 'reference' (sampled
     triplets, three passes each, as train.py runs it) or 'ours' (balanced batches, in-batch mining)."""
     from .config import DataConfig
-    from .data.images import TripletImages, sample_triplets, train_transform
+    from .data.images import TripletImages, item_seeds, sample_triplets, train_transform, triplet_keys
     from .engine import sampled_triplet_loss, train_siamese_epoch
     from .losses import build_loss, build_miner
     from .models import Encoder
@@ -485,9 +485,10 @@ def short_epoch_passes(recipe: str, array: np.ndarray, rows: np.ndarray, labels:
         if recipe == "reference":
             # An epoch of the reference: as many sampled triplets as training images, in two batches.
             triplets = sample_triplets(rows, labels, n, True, np.random.default_rng(seed))
+            keys = triplet_keys(triplets, item_seeds(seed, 0, n))
             batches = torch.utils.data.DataLoader(
-                TripletImages(array, triplets, train_transform(size, d.mean, d.std, d.augment)),
-                batch_size=n // 2, shuffle=False, num_workers=0, drop_last=True)
+                TripletImages(array, train_transform(size, d.mean, d.std, d.augment)),
+                batch_sampler=[keys[:n // 2], keys[n // 2:2 * (n // 2)]], num_workers=0)
             loss, miner, name, ce_weight = sampled_triplet_loss(1.0), None, "triplet", 0.0
             mode = "sampled"
         else:

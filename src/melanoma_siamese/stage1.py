@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 from .augment import BatchAugment
 from .checkpoint import atomic_save, save_model
 from .config import Config
-from .data.images import CachedImages, TripletImages, sample_triplets, train_transform
+from .data.images import (CachedImages, EpochBatches, TripletImages, item_seeds, sample_triplets, train_transform,
+                          triplet_keys)
 from .data.prepare import Prepared
 from .data.sampler import BalancedBatchSampler
 from .distributed import Dist, all_gather_objects
@@ -257,6 +258,13 @@ def train_siamese(config: Config, prepared: Prepared, device: torch.device, run_
         cache_batches = CacheBatches(prepared, train_rows, train_labels,
                                      BatchAugment(dc.image_size, dc.mean, dc.std, dc.augment), device, rt.gpu_cache,
                                      channels_last)
+    loader, epoch_batches = None, EpochBatches()
+    if cache_batches is None:  # per-sample transforms in DataLoader workers, kept alive across epochs
+        dataset = (TripletImages(prepared.array, transform) if mode == "sampled"
+                   else CachedImages(prepared.array, train_rows, train_labels, transform))
+        loader = DataLoader(dataset, batch_sampler=epoch_batches, num_workers=rt.num_workers,
+                            persistent_workers=rt.num_workers > 0, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(rt.seed))
     ref_rows = validation_reference(prepared, s.val_reference_max, rt.seed)
     loss_parts = (mode, metric_loss, miner)
     state_file = run_dir / "state" / "siamese_last.pth"
@@ -289,26 +297,25 @@ def train_siamese(config: Config, prepared: Prepared, device: torch.device, run_
             if finished:
                 break
             budget_left = s.budget_images - images_seen if s.budget_images else None
-            loader_seed = torch.Generator().manual_seed(rt.seed * 100003 + epoch)
             if mode == "sampled":
                 rng = np.random.default_rng([rt.seed, epoch])
                 triplets = sample_triplets(train_rows, train_labels, epoch_images, s.balanced, rng)
-                if d.enabled:
-                    triplets = triplets[d.rank::d.world_size]
-                batches = DataLoader(TripletImages(prepared.array, triplets, transform),
-                                     batch_size=s.batch_size // d.world_size, shuffle=False,
-                                     num_workers=rt.num_workers, generator=loader_seed,
-                                     pin_memory=device.type == "cuda", drop_last=True)
+                seeds = item_seeds(rt.seed, epoch, len(triplets))  # by position in the whole epoch
+                triplets, seeds = triplets[d.rank::d.world_size], seeds[d.rank::d.world_size]
+                keys = triplet_keys(triplets, seeds)
+                per = s.batch_size // d.world_size
+                epoch_batches.set([keys[i:i + per] for i in range(0, len(keys) - per + 1, per)])
+                batches = loader
             elif cache_batches is not None:
                 sampler.set_epoch(epoch)
                 batches = cache_batches.epoch(sampler.batches(),
                                               torch.Generator().manual_seed(rt.seed * 100003 + epoch * 131 + d.rank))
             else:
                 sampler.set_epoch(epoch)
-                batches = DataLoader(CachedImages(prepared.array, train_rows, train_labels, transform),
-                                     batch_sampler=[[int(i) for i in b] for b in sampler.batches()],
-                                     num_workers=rt.num_workers, generator=loader_seed,
-                                     pin_memory=device.type == "cuda")
+                positions = sampler.batches()
+                seeds = iter(item_seeds(rt.seed, epoch, sum(len(b) for b in positions), stream=1 + d.rank))
+                epoch_batches.set([[(int(i), int(next(seeds))) for i in b] for b in positions])
+                batches = loader
             stats = train_siamese_epoch(module, batches, mode, metric_loss, miner, s.loss, s.ce_weight, class_weight,
                                         optimizer, scheduler, device,
                                         None if budget_left is None else math.ceil(budget_left / d.world_size),

@@ -116,7 +116,9 @@ def build_cache(
     array.flush()
     del array
     os.replace(tmp_path, array_path)
-    info_tmp = info_path.with_suffix(".json.tmp")
+    # Per-process temporary names: processes started side by side (compare runs, DDP ranks) may
+    # build the same cache at once; each writes its own file and the last rename wins.
+    info_tmp = cache_dir / f"{key}.{os.getpid()}.tmp.json"
     info_tmp.write_text(json.dumps({"count": len(paths), "size": size, "failures": failures,
                                     "conversions": dict(conversions)}))
     os.replace(info_tmp, info_path)
@@ -145,8 +147,26 @@ def to_chw(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)
 
 
+def seeded_transform(transform, pixels: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
+    """`transform(pixels)` with torch's global generator seeded for this item alone (and restored after),
+    so an item's augmentation does not depend on which worker made it, or on whether the workers
+    lived through earlier epochs or the run was resumed."""
+    if seed is None:
+        return transform(pixels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return transform(pixels)
+
+
+def item_seeds(seed: int, epoch: int, count: int, stream: int = 0) -> np.ndarray:
+    """One augmentation seed per item of an epoch: a pure function of (run seed, epoch, stream, position)."""
+    return np.random.default_rng([seed, epoch, stream]).integers(0, 2**62, size=count)
+
+
 class CachedImages(torch.utils.data.Dataset):
-    """Rows of the cache with their labels; returns (image tensor, label, row)."""
+    """Rows of the cache with their labels; returns (image tensor, label, row).
+
+    A key is a position in `rows`, or (position, augmentation seed)."""
 
     def __init__(self, array: np.ndarray, rows: Sequence[int], labels: Sequence[int], transform):
         self.array, self.rows, self.labels, self.transform = array, np.asarray(rows), np.asarray(labels), transform
@@ -154,27 +174,49 @@ class CachedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        i, seed = key if isinstance(key, tuple) else (key, None)
         row = int(self.rows[i])
-        return self.transform(to_chw(self.array[row])), int(self.labels[i]), row
+        return seeded_transform(self.transform, to_chw(self.array[row]), seed), int(self.labels[i]), row
 
 
 class TripletImages(torch.utils.data.Dataset):
     """The reference's sampled triplets: anchor, positive (same class), negative; three images each.
 
-    The triplets themselves are drawn up front from a seeded generator (see `sample_triplets`), so the
-    stream does not depend on DataLoader workers.
+    A key is (anchor row, positive row, negative row, augmentation seed): the triplets are drawn up front
+    from a seeded generator (see `sample_triplets`) and reach the workers through the batch sampler
+    (`EpochBatches`), so one DataLoader with persistent workers serves every epoch.
     """
 
-    def __init__(self, array: np.ndarray, triplets: np.ndarray, transform):
-        self.array, self.triplets, self.transform = array, triplets, transform
+    def __init__(self, array: np.ndarray, transform):
+        self.array, self.transform = array, transform
+
+    def __getitem__(self, key):
+        *rows, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return tuple(self.transform(to_chw(self.array[int(r)])) for r in rows)
+
+
+def triplet_keys(triplets: np.ndarray, seeds: np.ndarray) -> list[tuple[int, int, int, int]]:
+    return [(int(a), int(p), int(n), int(s)) for (a, p, n), s in zip(triplets, seeds)]
+
+
+class EpochBatches:
+    """A DataLoader batch sampler whose batches of keys are set before each epoch, so one DataLoader,
+    and its persistent workers, serves the whole run."""
+
+    def __init__(self):
+        self.batches: list[list] = []
+
+    def set(self, batches: list[list]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.triplets)
-
-    def __getitem__(self, i: int):
-        a, p, n = (int(r) for r in self.triplets[i])
-        return tuple(self.transform(to_chw(self.array[r])) for r in (a, p, n))
+        return len(self.batches)
 
 
 def sample_triplets(rows: np.ndarray, labels: np.ndarray, count: int, balanced: bool,
