@@ -28,6 +28,14 @@ def to_float(batch: torch.Tensor, size: int | None = None) -> torch.Tensor:
     return x
 
 
+def async_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor to `device` without the host waiting: on CUDA a copy from pageable memory waits for
+    the GPU queue to drain, so the tensor is pinned first."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def normalize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return (x - mean) / std
 
@@ -52,10 +60,7 @@ class BatchAugment:
         """All parameters to `device` in one asynchronous copy (packed, pinned on a GPU)."""
         if device.type == "cpu":
             return p
-        packed = torch.stack([v.float() for v in p.values()])
-        if device.type == "cuda":
-            packed = packed.pin_memory()
-        packed = packed.to(device, non_blocking=True)
+        packed = async_to(torch.stack([v.float() for v in p.values()]), device)
         return {k: row if p[k].dtype != torch.bool else row > 0.5 for k, row in zip(p, packed)}
 
     def parameters(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:

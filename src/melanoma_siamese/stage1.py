@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .augment import BatchAugment
+from .augment import BatchAugment, async_to
 from .checkpoint import atomic_save, save_model
 from .config import Config
 from .data.images import (CachedImages, EpochBatches, TripletImages, item_seeds, sample_triplets, train_transform,
@@ -137,10 +137,7 @@ class CacheBatches:
                 self.position = np.searchsorted(np.sort(rows), rows)
 
     def _upload(self, values: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
+        return async_to(torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)), self.device)
 
     def epoch(self, batches: list[np.ndarray], generator: torch.Generator):
         # The epoch's indices go to the device in one asynchronous copy: a copy per batch from pageable
@@ -156,7 +153,7 @@ class CacheBatches:
             else:
                 pixels = torch.from_numpy(np.asarray(self.array[self.rows[idx]]))
                 if self.device.type == "cuda":
-                    pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+                    pixels = async_to(pixels, self.device)
             images = self.augment(pixels, generator)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)

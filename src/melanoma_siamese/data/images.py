@@ -6,6 +6,7 @@ changes; later runs memory-map it instead of decoding again.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -147,15 +148,17 @@ def to_chw(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)
 
 
-def seeded_transform(transform, pixels: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
-    """`transform(pixels)` with torch's global generator seeded for this item alone (and restored after),
-    so an item's augmentation does not depend on which worker made it, or on whether the workers
-    lived through earlier epochs or the run was resumed."""
+@contextlib.contextmanager
+def seeded_rng(seed: Optional[int]):
+    """Inside: torch's global generator seeded for one item alone (restored after), so an item's
+    augmentation does not depend on which worker made it, or on whether the workers lived through
+    earlier epochs or the run was resumed. None: the generator as it is."""
     if seed is None:
-        return transform(pixels)
+        yield
+        return
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        return transform(pixels)
+        yield
 
 
 def item_seeds(seed: int, epoch: int, count: int, stream: int = 0) -> np.ndarray:
@@ -177,7 +180,9 @@ class CachedImages(torch.utils.data.Dataset):
     def __getitem__(self, key):
         i, seed = key if isinstance(key, tuple) else (key, None)
         row = int(self.rows[i])
-        return seeded_transform(self.transform, to_chw(self.array[row]), seed), int(self.labels[i]), row
+        with seeded_rng(seed):
+            image = self.transform(to_chw(self.array[row]))
+        return image, int(self.labels[i]), row
 
 
 class TripletImages(torch.utils.data.Dataset):
@@ -193,8 +198,7 @@ class TripletImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         *rows, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
+        with seeded_rng(seed):
             return tuple(self.transform(to_chw(self.array[int(r)])) for r in rows)
 
 
