@@ -13,8 +13,7 @@ FORMAT = 1
 PREFIXES = ("module.", "_orig_mod.")
 
 
-class CheckpointError(RuntimeError):
-    pass
+from .errors import CheckpointError  # noqa: F401  (re-exported)
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -13,8 +13,7 @@ from typing import Any, Optional
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration file or override that cannot be used; the message says what is valid."""
+from .errors import ConfigError  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

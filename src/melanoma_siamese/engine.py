@@ -72,8 +72,7 @@ def sampled_triplet_loss(margin: float) -> nn.Module:
     return nn.TripletMarginLoss(margin=margin)
 
 
-class Interrupted(Exception):
-    """SIGTERM/SIGINT arrived: the epoch was abandoned at a batch boundary."""
+from .errors import Interrupted  # noqa: F401  (re-exported)
 
 
 def train_siamese_epoch(

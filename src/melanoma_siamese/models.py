@@ -12,8 +12,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_b0",
              "efficientnet_b2", "efficientnet_b3", "convnext_tiny", "mobilenet_v3_large")
 
 
-class WeightsError(RuntimeError):
-    """Backbone weights that cannot be had or do not fit; the message says what to do."""
+from .errors import WeightsError  # noqa: F401  (re-exported)
 
 
 def _weights_enum(name: str):

@@ -31,12 +31,7 @@ VAL_PAIR_SAMPLE = 3000
 Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-class ImageRejected(ValueError):
-    """An input that is not a usable image; `status` is the HTTP status `serve` answers it with."""
-
-    def __init__(self, reason: str, status: int = 400):
-        super().__init__(reason)
-        self.status = status
+from .errors import ImageRejected  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
