@@ -1,8 +1,11 @@
-"""Numbers from labels, probabilities and embeddings. No models, no files."""
+"""Numbers from labels, probabilities and embeddings. No models, no files.
+
+torch is imported inside the functions that use it, so calibration and the light commands can use
+the rest without paying torch's import time.
+"""
 from __future__ import annotations
 
 import numpy as np
-import torch
 from sklearn import metrics as skm
 
 
@@ -34,6 +37,18 @@ def binary_report(labels: np.ndarray, probs: np.ndarray, threshold: float) -> di
         out["partial_auc_above_80_sensitivity"] = partial_auc_above_sensitivity(labels, probs, 0.8)
         out["sensitivity_at_90_specificity"] = sensitivity_at_specificity(labels, probs, 0.9)
     return out
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
+    """ECE: `bins` equal-width bins on [0, 1] (the last one closed), |mean probability - melanoma fraction|
+    in each, weighted by the bin's share of the images. 0 for a perfectly calibrated score."""
+    labels = np.asarray(labels, dtype=np.float64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(labels) == 0:
+        return float("nan")
+    which = np.clip(np.floor(probs * bins).astype(int), 0, bins - 1)
+    gap = np.abs(np.bincount(which, probs, bins) - np.bincount(which, labels, bins))
+    return float(gap.sum() / len(labels))
 
 
 def partial_auc_above_sensitivity(labels: np.ndarray, probs: np.ndarray, min_tpr: float = 0.8) -> float:
@@ -128,6 +143,8 @@ def knn_probabilities(query: np.ndarray, reference: np.ndarray, reference_labels
 
     Embeddings are L2-normalised, so cosine similarity is a matrix product; weights are (1 + cos) / 2.
     """
+    import torch
+
     ref = torch.tensor(np.asarray(reference, dtype=np.float32))
     ref_labels = torch.tensor(np.asarray(reference_labels, dtype=np.float32))
     k = min(k, len(ref) - int(exclude_self))
@@ -147,6 +164,7 @@ def knn_probabilities(query: np.ndarray, reference: np.ndarray, reference_labels
 def retrieval_metrics(query: np.ndarray, query_labels: np.ndarray, reference: np.ndarray,
                       reference_labels: np.ndarray) -> dict:
     """precision@1 and MAP@R via pytorch-metric-learning's AccuracyCalculator, with an exact cosine kNN."""
+    import torch
     from pytorch_metric_learning.distances import CosineSimilarity
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
     from pytorch_metric_learning.utils.inference import CustomKNN
@@ -163,6 +181,8 @@ def retrieval_metrics(query: np.ndarray, query_labels: np.ndarray, reference: np
 
 def similarity_stats(embeddings: np.ndarray, labels: np.ndarray) -> dict:
     """Mean cosine similarity of same-class and other-class pairs (a collapsing embedding shows here)."""
+    import torch
+
     e = torch.as_tensor(embeddings, dtype=torch.float32)
     y = torch.as_tensor(labels)
     sims = e @ e.T
