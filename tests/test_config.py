@@ -61,3 +61,22 @@ def test_no_head_variant_differs_from_default_only_in_the_head():
     assert no_head["siamese"]["ce_weight"] == 0.0 and default["siamese"]["ce_weight"] > 0
     no_head["siamese"]["ce_weight"] = default["siamese"]["ce_weight"]
     assert no_head == default
+
+
+def test_trust_keys_have_stated_defaults_and_are_checked():
+    from melanoma_siamese.calibration import METHODS
+
+    config = load_config(None)
+    assert config.evaluation.calibration == "platt" and config.evaluation.prevalence is None
+    assert config.evaluation.unfamiliar_k == 5 and config.evaluation.unfamiliar_quantile == 0.99
+    assert config.data.min_image_side == 32 and config.data.min_image_std == 2.0
+    from melanoma_siamese.config import CHOICES
+
+    assert CHOICES["evaluation.calibration"] == METHODS
+    assert load_config(None, ["evaluation.prevalence=0.05"]).evaluation.prevalence == 0.05
+    for bad, match in (("evaluation.calibration=isotonic", "platt"), ("evaluation.prevalence=1.5", "prevalence"),
+                       ("evaluation.unfamiliar_quantile=1", "unfamiliar_quantile"),
+                       ("evaluation.unfamiliar_k=0", "unfamiliar_k"), ("data.min_image_side=0", "min_image_side"),
+                       ("evaluation.unfamiliar_quantil=0.9", "valid keys")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [bad])

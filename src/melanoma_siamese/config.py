@@ -41,6 +41,12 @@ class DataConfig:
     # Subsample melanoma in the training part only, to simulate a rarer prevalence (None = keep all).
     train_melanoma_fraction: Optional[float] = None
     skip_bad_images: bool = False
+    # Images refused before scoring (checked on the decoded original, before any resize): a shorter side
+    # below min_image_side pixels (real dermoscopic photos have hundreds; the demo's generated ones 64),
+    # or a grey-level standard deviation (0-255) below min_image_std: a blank or flat colour (the lowest
+    # of the 2,000 real HAM10000 sample images is 7.3).
+    min_image_side: int = 32
+    min_image_std: float = 2.0
     # Seed of the split alone (None = runtime.seed); compare fixes it so every recipe and seed share one split.
     split_seed: Optional[int] = None
     cache_dir: Optional[str] = None
@@ -112,6 +118,15 @@ class EvalConfig:
     knn_k: int = 16
     bootstrap: int = 1000
     tta: bool = False
+    # platt | temperature | none: the map from the classifier's score to a probability, fitted on the
+    # validation part (see calibration.py for why Platt: class weights shift the score as well).
+    calibration: str = "platt"
+    # The prevalence the shown probability assumes (null = the training part's share of melanoma).
+    prevalence: Optional[float] = None
+    # Unfamiliar image: its mean cosine distance to the k nearest training images is above this quantile
+    # of the same distance over the validation images.
+    unfamiliar_k: int = 5
+    unfamiliar_quantile: float = 0.99
 
 
 @dataclass(frozen=True)
@@ -151,6 +166,7 @@ CHOICES = {
     "classifier.kind": ("mlp", "head"),
     "classifier.class_weight": ("balanced", "none"),
     "evaluation.threshold": ("youden", "sensitivity", "fixed"),
+    "evaluation.calibration": ("platt", "temperature", "none"),
     "runtime.device": ("auto", "cpu", "cuda"),
     "runtime.amp": ("auto", "off", "bf16", "fp16"),
     "runtime.gpu_cache": ("auto", "off"),
@@ -229,6 +245,14 @@ def _check_choices(config: Config) -> None:
         raise ConfigError("data.val_fraction and data.test_fraction must be in (0, 1) and sum below 1")
     if d.train_melanoma_fraction is not None and not 0 < d.train_melanoma_fraction <= 1:
         raise ConfigError("data.train_melanoma_fraction must be in (0, 1] or null")
+    if d.min_image_side < 1 or d.min_image_std < 0:
+        raise ConfigError("data.min_image_side must be at least 1 and data.min_image_std at least 0")
+    e = config.evaluation
+    if e.prevalence is not None and not 0 < e.prevalence < 1:
+        raise ConfigError("evaluation.prevalence must be strictly between 0 and 1, or null")
+    if e.unfamiliar_k < 1 or not 0 < e.unfamiliar_quantile < 1:
+        raise ConfigError("evaluation.unfamiliar_k must be at least 1 and evaluation.unfamiliar_quantile "
+                          "strictly between 0 and 1")
 
 
 def _nested(config_dict: dict, dotted: str, value: Any) -> None:
