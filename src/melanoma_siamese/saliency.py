@@ -1,11 +1,25 @@
-"""Grad-CAM heat maps of what drove the melanoma score, through encoder and classifier (the `grad-cam` package)."""
+"""Grad-CAM heat maps of what drove the melanoma score, through encoder and classifier (the `grad-cam` package).
+
+Grad-CAM's map has the spatial size of the stage it is taken at. The backbone's last stage is 1/32 of
+the image: 2x2 at 64 px, 8x8 only from 256 px, and a 2x2 map paints bands over the whole image, never a
+lesion. So the map is taken at the latest stage that is still at least MIN_CELLS x MIN_CELLS at the run's
+image size (layer4 of a ResNet at 256 px, layer2 at 64 px), and `SaliencyStage` says which, so a page can
+state the resolution. Where no stage is that fine (images under 32 px), the finest one is used and
+`SaliencyStage.useful` is False.
+"""
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from .models import Classifier, Encoder
+from .preprocess import to_model_input
+
+MIN_CELLS = 8
 
 
 class MelanomaLogits(nn.Module):
@@ -21,23 +35,89 @@ class MelanomaLogits(nn.Module):
         return self.classifier(embeddings.to(next(self.classifier.parameters()).device))
 
 
-def target_layer(encoder: Encoder) -> nn.Module:
-    """The backbone's last convolutional stage: ResNets' layer4, the `features` stack's last block otherwise."""
+@dataclass(frozen=True)
+class SaliencyStage:
+    """Where the map is taken and how fine it is: `cells` x `cells` at `image_size` px."""
+
+    name: str
+    cells: int
+    image_size: int
+
+    @property
+    def useful(self) -> bool:
+        return self.cells >= MIN_CELLS
+
+    def describe(self) -> str:
+        text = (f"Grad-CAM at the backbone's {self.name}: a {self.cells}x{self.cells} map "
+                f"({self.image_size // self.cells} px cells) of the {self.image_size} px model input")
+        return text if self.useful else text + "; too coarse to point at a lesion"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "useful": self.useful}
+
+
+def stages(encoder: Encoder) -> list[tuple[str, nn.Module]]:
+    """The backbone's convolutional stages, input to output: ResNets' layer1-4 (their last block), the
+    `features` stack's blocks otherwise (EfficientNet, ConvNeXt, MobileNet)."""
     backbone = encoder.backbone
     if hasattr(backbone, "layer4"):
-        return backbone.layer4[-1]
+        return [(f"layer{i}", getattr(backbone, f"layer{i}")[-1]) for i in range(1, 5)]
     if hasattr(backbone, "features"):
-        return backbone.features[-1]
-    raise ValueError(f"no known last convolutional stage in {type(backbone).__name__} for Grad-CAM")
+        return [(f"features[{i}]", block) for i, block in enumerate(backbone.features)]
+    raise ValueError(f"no known convolutional stages in {type(backbone).__name__} for Grad-CAM")
 
 
-def gradcam_maps(encoder: Encoder, classifier: Classifier, images: torch.Tensor) -> np.ndarray:
-    """N x H x W maps in [0, 1] of the evidence for the melanoma logit (class 1)."""
+def target_layer(encoder: Encoder) -> nn.Module:
+    """The backbone's last convolutional stage (the classic Grad-CAM layer)."""
+    return stages(encoder)[-1][1]
+
+
+def stage_sizes(encoder: Encoder, image_size: int) -> list[int]:
+    """The shorter spatial side of each stage's output at this image size, from one forward pass of a
+    blank image (exact for any backbone's strides and paddings)."""
+    named = stages(encoder)
+    sizes: dict[int, int] = {}
+    hooks = [module.register_forward_hook(lambda _m, _i, out, i=i: sizes.__setitem__(i, min(out.shape[-2:])))
+             for i, (_, module) in enumerate(named)]
+    was_training = encoder.training
+    try:
+        encoder.eval()
+        with torch.no_grad():
+            encoder(torch.zeros(1, 3, image_size, image_size, device=next(encoder.parameters()).device))
+    finally:
+        encoder.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return [int(sizes[i]) for i in range(len(named))]
+
+
+def choose_stage(encoder: Encoder, image_size: int, min_cells: int = MIN_CELLS,
+                 name: Optional[str] = None) -> tuple[SaliencyStage, nn.Module]:
+    """The latest stage whose output is at least min_cells on its shorter side at this image size (or the
+    stage called `name`, e.g. "layer4"); the finest one where none is that fine."""
+    named, sizes = stages(encoder), stage_sizes(encoder, image_size)
+    if name is not None:
+        names = [n for n, _ in named]
+        if name not in names:
+            raise ValueError(f"no stage {name!r} in this backbone; its stages: {', '.join(names)}")
+        pick = names.index(name)
+    else:
+        fine = [i for i, size in enumerate(sizes) if size >= min_cells]
+        pick = fine[-1] if fine else int(np.argmax(sizes))
+    return SaliencyStage(named[pick][0], sizes[pick], int(image_size)), named[pick][1]
+
+
+def gradcam_maps(encoder: Encoder, classifier: Classifier, images: torch.Tensor,
+                 layer: Optional[nn.Module] = None) -> np.ndarray:
+    """N x H x W maps in [0, 1] of the evidence for the melanoma logit (class 1), taken at `layer`
+    (default: the stage `choose_stage` picks for these images' size)."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    if layer is None:
+        layer = choose_stage(encoder, images.shape[-1])[1]
     model = MelanomaLogits(encoder, classifier)
-    with GradCAM(model=model, target_layers=[target_layer(encoder)]) as cam:
+    with GradCAM(model=model, target_layers=[layer]) as cam:
         return cam(input_tensor=images, targets=[ClassifierOutputTarget(1)] * len(images))
 
 
@@ -48,10 +128,21 @@ def overlay(pixels: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return show_cam_on_image(pixels.astype(np.float32) / 255, heat, use_rgb=True, image_weight=0.55)
 
 
+def saliency_maps(run, pixels: np.ndarray, stage_name: Optional[str] = None) -> tuple[np.ndarray, SaliencyStage]:
+    """N x S x S maps in [0, 1] for N x S x S x 3 uint8 images of a loaded run (see predict.load_run), and
+    the stage they were taken at (`stage_name`, e.g. "layer4", forces one; default: `choose_stage`)."""
+    d = run.config.data
+    stage, layer = choose_stage(run.encoder, pixels.shape[1], name=stage_name)
+    images = to_model_input(torch.from_numpy(np.ascontiguousarray(pixels)), d.mean, d.std, run.device)
+    return gradcam_maps(run.encoder, run.classifier, images, layer), stage
+
+
+def saliency_with_stage(run, pixels: np.ndarray) -> tuple[list[np.ndarray], SaliencyStage]:
+    """Overlays (H x W x 3 uint8) for N x S x S x 3 uint8 images, and the stage, for a caption."""
+    maps, stage = saliency_maps(run, pixels)
+    return [overlay(p, m) for p, m in zip(pixels, maps)], stage
+
+
 def saliency_overlays(run, pixels: np.ndarray) -> list[np.ndarray]:
     """Overlays for N x S x S x 3 uint8 images of a loaded run (see predict.load_run)."""
-    d = run.config.data
-    images = torch.tensor(pixels).permute(0, 3, 1, 2).float().div(255)
-    images = ((images - d.mean) / d.std).to(run.device)
-    maps = gradcam_maps(run.encoder, run.classifier, images)
-    return [overlay(p, m) for p, m in zip(pixels, maps)]
+    return saliency_with_stage(run, pixels)[0]
