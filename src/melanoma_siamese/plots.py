@@ -9,7 +9,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
+
+# Curves drawn on one axis: wide and pale first, thinner and patterned on top, so where two coincide
+# both stay visible (the one on top as a pattern over the other).
+CURVE_STYLES = ({"ls": "-", "lw": 3.2, "alpha": 0.55}, {"ls": "--", "lw": 1.6, "alpha": 0.95},
+                {"ls": ":", "lw": 1.6, "alpha": 0.95}, {"ls": "-.", "lw": 1.2, "alpha": 0.95})
 
 
 def _save(fig, path: Path) -> None:
@@ -20,7 +26,7 @@ def _save(fig, path: Path) -> None:
 
 
 def loss_curves(history: Sequence[dict], path: Path, title: str, extra: Sequence[str] = ()) -> None:
-    """Training and validation loss per epoch; `extra` keys (e.g. val_acc) on a second axis."""
+    """Training and validation loss per epoch; `extra` keys (shares such as val_acc) on a second axis, 0 to 1."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
     epochs = [h["epoch"] for h in history]
     for key, style in (("train_loss", "-o"), ("val_loss", "-s")):
@@ -28,6 +34,7 @@ def loss_curves(history: Sequence[dict], path: Path, title: str, extra: Sequence
         if np.isfinite(values).any():
             ax.plot(epochs, values, style, ms=3, label=key.replace("_", " "))
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss")
     ax.set_title(title)
     lines, names = ax.get_legend_handles_labels()
@@ -38,6 +45,7 @@ def loss_curves(history: Sequence[dict], path: Path, title: str, extra: Sequence
             if np.isfinite(values).any():
                 ax2.plot(epochs, values, "--", label=key.replace("_", " "))
         ax2.set_ylabel(", ".join(extra))
+        ax2.set_ylim(0, 1.02)
         more = ax2.get_legend_handles_labels()
         lines, names = lines + more[0], names + more[1]
     best = [h["epoch"] for h in history if h.get("best")]
@@ -48,14 +56,20 @@ def loss_curves(history: Sequence[dict], path: Path, title: str, extra: Sequence
 
 
 def validation_metrics(history: Sequence[dict], keys: Sequence[str], path: Path) -> None:
+    """Metrics in [0, 1] and mean cosine similarities (which go down to -1) per epoch, on one axis."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
     epochs = [h["epoch"] for h in history]
+    lowest = 0.0
     for key in keys:
-        values = [h.get(key, np.nan) for h in history]
+        values = np.array([h.get(key, np.nan) for h in history], dtype=float)
         if np.isfinite(values).any():
             ax.plot(epochs, values, "-o", ms=3, label=key.replace("_", " "))
+            lowest = min(lowest, float(np.nanmin(values)))
     ax.set_xlabel("epoch (0 = untrained encoder)")
-    ax.set_ylim(0, 1.02)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(max(-1.02, lowest - 0.05) if lowest < 0 else 0, 1.02)
+    if lowest < 0:
+        ax.axhline(0, color="grey", lw=0.6)
     ax.set_title("Validation retrieval and kNN metrics")
     ax.legend(fontsize=8)
     _save(fig, path)
@@ -78,11 +92,12 @@ def confusion_matrix(cm: Sequence[Sequence[int]], path: Path, title: str) -> Non
 def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
     """curves: name -> (labels, probabilities)."""
     fig, ax = plt.subplots(figsize=(4.8, 4.5))
-    for name, (y, p) in curves.items():
+    for i, (name, (y, p)) in enumerate(curves.items()):
         if len(np.unique(y)) < 2:
             continue
         fpr, tpr, _ = skm.roc_curve(y, p)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {skm.roc_auc_score(y, p):.3f})")
+        ax.plot(fpr, tpr, label=f"{name} (AUC {skm.roc_auc_score(y, p):.3f})", zorder=2 + i,
+                **CURVE_STYLES[i % len(CURVE_STYLES)])
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.axhline(0.8, color="grey", lw=0.6, ls="--")
     ax.set_xlabel("1 - specificity (false-positive rate)")
@@ -94,11 +109,12 @@ def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> 
 
 def pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.8, 4.5))
-    for name, (y, p) in curves.items():
+    for i, (name, (y, p)) in enumerate(curves.items()):
         if len(np.unique(y)) < 2:
             continue
         precision, recall, _ = skm.precision_recall_curve(y, p)
-        ax.plot(recall, precision, label=f"{name} (AP {skm.average_precision_score(y, p):.3f})")
+        ax.plot(recall, precision, label=f"{name} (AP {skm.average_precision_score(y, p):.3f})", zorder=2 + i,
+                **CURVE_STYLES[i % len(CURVE_STYLES)])
         ax.axhline(np.mean(y), color="grey", lw=0.6, ls=":")
     ax.set_xlabel("recall (sensitivity)")
     ax.set_ylabel("precision")
@@ -107,17 +123,40 @@ def pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> N
     _save(fig, path)
 
 
-def reliability(labels: np.ndarray, probs: np.ndarray, path: Path, bins: int = 10) -> None:
-    from sklearn.calibration import calibration_curve
+def _reliability_points(labels: np.ndarray, probs: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean probability and melanoma fraction per non-empty equal-width bin (the bins of the ECE)."""
+    which = np.clip(np.floor(np.asarray(probs, dtype=float) * bins).astype(int), 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    keep = count > 0
+    mean = np.bincount(which, probs, bins)[keep] / count[keep]
+    return mean, np.bincount(which, labels, bins)[keep] / count[keep]
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    frac, mean = calibration_curve(labels, probs, n_bins=bins, strategy="quantile")
-    ax.plot(mean, frac, "-o", ms=3, label="model")
+
+def reliability(labels: np.ndarray, probs: np.ndarray, path: Path, bins: int = 10) -> None:
+    """One score's reliability curve; see reliability_before_after for a calibrated one beside it."""
+    reliability_before_after(labels, {"model": probs}, path, bins)
+
+
+def reliability_before_after(labels: np.ndarray, scores: dict[str, np.ndarray], path: Path, bins: int = 10,
+                             title: str = "Reliability, test part") -> None:
+    """scores: name -> probabilities (e.g. {"raw score": raw, "calibrated (platt)": calibrated}), each drawn
+    over `bins` equal-width bins with its Brier score and expected calibration error in the legend."""
+    from .metrics import expected_calibration_error
+
+    labels = np.asarray(labels)
+    fig, ax = plt.subplots(figsize=(4.8, 4.8))
     ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    for i, (name, probs) in enumerate(scores.items()):
+        mean, frac = _reliability_points(labels, probs, bins)
+        ax.plot(mean, frac, marker="os^"[i % 3], ms=4, zorder=3 + i, **CURVE_STYLES[i % len(CURVE_STYLES)],
+                label=f"{name}: Brier {skm.brier_score_loss(labels, probs):.3f}, "
+                      f"ECE {expected_calibration_error(labels, probs, bins):.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
     ax.set_xlabel("mean predicted melanoma probability")
     ax.set_ylabel("observed melanoma fraction")
-    ax.set_title(f"Reliability, test part (Brier {skm.brier_score_loss(labels, probs):.3f})", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title(f"{title} ({bins} equal-width bins)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
     _save(fig, path)
 
 
