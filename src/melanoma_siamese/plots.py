@@ -40,18 +40,22 @@ def loss_curves(history: Sequence[dict], path: Path, title: str, extra: Sequence
     lines, names = ax.get_legend_handles_labels()
     if extra:
         ax2 = ax.twinx()
-        for key in extra:
+        # Colours after the loss lines': twinx starts its own colour cycle, which would repeat them.
+        for key, color in zip(extra, ("tab:green", "tab:red", "tab:purple")):
             values = [h.get(key, np.nan) for h in history]
             if np.isfinite(values).any():
-                ax2.plot(epochs, values, "--", label=key.replace("_", " "))
-        ax2.set_ylabel(", ".join(extra))
+                ax2.plot(epochs, values, "--^", ms=3, color=color, label=key.replace("_", " "))
+        ax2.set_ylabel(", ".join(k.replace("_", " ") for k in extra))
         ax2.set_ylim(0, 1.02)
         more = ax2.get_legend_handles_labels()
         lines, names = lines + more[0], names + more[1]
     best = [h["epoch"] for h in history if h.get("best")]
     if best:
         ax.axvline(best[-1], color="grey", lw=0.8, ls=":")
-    ax.legend(lines, names, fontsize=8)
+        lines, names = lines + [ax.get_lines()[-1]], names + ["best epoch"]
+    # Below the axes: inside, it would cover curves that run through every corner.
+    ax.legend(lines, names, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(lines),
+              frameon=False)
     _save(fig, path)
 
 
@@ -151,8 +155,8 @@ def reliability_before_after(labels: np.ndarray, scores: dict[str, np.ndarray], 
         ax.plot(mean, frac, marker="os^"[i % 3], ms=4, zorder=3 + i, **CURVE_STYLES[i % len(CURVE_STYLES)],
                 label=f"{name}: Brier {skm.brier_score_loss(labels, probs):.3f}, "
                       f"ECE {expected_calibration_error(labels, probs, bins):.3f}")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("mean predicted melanoma probability")
     ax.set_ylabel("observed melanoma fraction")
     ax.set_title(f"{title} ({bins} equal-width bins)", fontsize=9)
