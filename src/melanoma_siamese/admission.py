@@ -1,0 +1,55 @@
+"""Bounded work in flight for the server: at most `limit` requests decode and score at once, up to `queue`
+more wait their turn, and any beyond that are told to come back (503 with Retry-After).
+
+Without it, twenty concurrent 62-megapixel PNGs (which cannot be decoded at reduced scale, unlike JPEG)
+were decoded side by side, 186 MB each, and the process grew by gigabytes.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator
+
+
+class Busy(Exception):
+    """More requests than the server works on and queues; `retry_after` is in seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server is busy; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Admission:
+    def __init__(self, limit: int, queue: int, retry_after: int = 2):
+        if limit < 1 or queue < 0:
+            raise ValueError("limit must be at least 1 and queue at least 0")
+        self.limit, self.queue, self.retry_after = limit, queue, retry_after
+        self.waiting = 0
+        self.working = 0
+        self._semaphore: asyncio.Semaphore | None = None
+
+    @property
+    def semaphore(self) -> asyncio.Semaphore:
+        # Made on first use, inside the server's event loop.
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.limit)
+        return self._semaphore
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.working >= self.limit and self.waiting >= self.queue:
+            raise Busy(self.retry_after)
+        self.waiting += 1
+        try:
+            await self.semaphore.acquire()
+        finally:
+            self.waiting -= 1
+        self.working += 1
+        try:
+            yield
+        finally:
+            self.working -= 1
+            self.semaphore.release()
+
+    def state(self) -> dict:
+        return {"working": self.working, "waiting": self.waiting, "limit": self.limit, "queue": self.queue}

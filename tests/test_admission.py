@@ -1,0 +1,48 @@
+"""The server's bound on work in flight: at most `limit` at once, `queue` waiting, the rest refused."""
+import asyncio
+
+import pytest
+
+from melanoma_siamese.admission import Admission, Busy
+
+
+def test_admission_bounds_work_and_refuses_beyond_the_queue():
+    async def scenario():
+        gate = Admission(limit=2, queue=3, retry_after=7)
+        release = asyncio.Event()
+        peak = {"working": 0}
+        outcomes = []
+
+        async def request():
+            try:
+                async with gate.slot():
+                    peak["working"] = max(peak["working"], gate.working)
+                    await release.wait()
+                outcomes.append("done")
+            except Busy as exc:
+                outcomes.append(exc.retry_after)
+
+        tasks = [asyncio.create_task(request()) for _ in range(8)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert gate.working == 2 and gate.waiting == 3
+        release.set()
+        await asyncio.gather(*tasks)
+        return peak["working"], outcomes, gate.state()
+
+    peak, outcomes, state = asyncio.run(scenario())
+    assert peak == 2
+    assert outcomes.count("done") == 5 and outcomes.count(7) == 3
+    assert state["working"] == 0 and state["waiting"] == 0
+
+
+def test_admission_releases_its_slot_when_the_work_fails():
+    async def scenario():
+        gate = Admission(limit=1, queue=0)
+        with pytest.raises(RuntimeError):
+            async with gate.slot():
+                raise RuntimeError("decode failed")
+        async with gate.slot():
+            return gate.working
+
+    assert asyncio.run(scenario()) == 1
