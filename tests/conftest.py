@@ -1,23 +1,14 @@
-"""Shared fixtures: tiny generated datasets in each accepted layout, and a tiny trained run."""
+"""Shared fixtures: an isolated image cache and a tiny generated dataset. Helpers are in helpers.py."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
-from PIL import Image
 
 from melanoma_siamese.data.synth import make_synthetic_dataset
 
-HAM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000-sample"
-
-# Small, fast settings shared by the end-to-end tests: ResNet-18 from scratch on 32 px images.
-TINY = [
-    "model.backbone=resnet18", "model.pretrained=none", "data.image_size=32", "siamese.epochs=2",
-    "siamese.batch_size=16", "classifier.epochs=5", "evaluation.bootstrap=50", "runtime.num_workers=0",
-    "runtime.progress=false", "data.balanced_test_per_class=10",
-]
+# Re-exported until every test imports these from helpers (test_distributed and test_resume still use conftest).
+from helpers import HAM, TINY, kaggle_dataset, set_args, write_image  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
@@ -28,34 +19,3 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return make_synthetic_dataset(tmp_path_factory.mktemp("tiny") / "data", n_images=160, size=32, seed=1)
-
-
-def set_args(items=TINY) -> list[str]:
-    out = []
-    for item in items:
-        out += ["--set", item]
-    return out
-
-
-def write_image(path: Path, size=(32, 32), mode="RGB", color=(120, 80, 60)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fill = color if mode in ("RGB",) else (color + (255,) if mode == "RGBA" else color[0] if mode == "L" else None)
-    if mode == "CMYK":
-        fill = (10, 50, 80, 0)
-    Image.new(mode, size, fill).save(path)
-    return path
-
-
-def kaggle_dataset(root: Path, n: int = 40, melanoma_every: int = 4) -> Path:
-    """A small Kaggle-layout dataset with enough patients per class for the 70/10/20 split."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        image_id = f"ISIC_{i:07d}"
-        target = int(i % melanoma_every == 0)
-        arr = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-        (root / "train-image" / "image").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(arr).save(root / "train-image" / "image" / f"{image_id}.jpg")
-        rows.append({"isic_id": image_id, "patient_id": f"IP_{i:04d}", "target": target})
-    pd.DataFrame(rows).to_csv(root / "train-metadata.csv", index=False)
-    return root

@@ -3,7 +3,7 @@ import pandas as pd
 
 from melanoma_siamese.cli import main
 
-from conftest import kaggle_dataset, set_args
+from helpers import kaggle_dataset, set_args
 
 
 def _train(data, out, capsys, *extra):

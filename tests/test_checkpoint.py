@@ -49,3 +49,14 @@ def test_failed_save_leaves_previous_file(tmp_path):
         atomic_save({"a": Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {"a": 1}
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_other_format_is_refused_with_the_version_named(tmp_path):
+    path = tmp_path / "c.pth"
+    save_model(Classifier(16, 0.1), path)
+    data = torch.load(path, weights_only=True)
+    for wrong in (2, None):
+        data["format"] = wrong
+        torch.save(data, path)
+        with pytest.raises(CheckpointError, match=f"has format {wrong!r}.*reads format 1"):
+            load_model(path, "classifier")

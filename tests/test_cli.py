@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ from sklearn import metrics as skm
 
 from melanoma_siamese.cli import main
 
-from conftest import kaggle_dataset, set_args
+from helpers import kaggle_dataset, set_args
 
 # Each trains tiny runs end to end (tens of seconds on 2 cores).
 pytestmark = pytest.mark.slow
@@ -66,6 +67,7 @@ def test_metrics_equal_sklearn_recomputation(trained_run):
 
 
 def test_evaluate_reproduces_and_scores_other_data(trained_run, tmp_path):
+    trained_run = Path(shutil.copytree(trained_run, tmp_path / "run"))  # evaluate rewrites the run's files
     before = json.loads((trained_run / "metrics.json").read_text())
     assert main(["evaluate", "--run", str(trained_run), "--no-progress"]) == 0
     after = json.loads((trained_run / "metrics.json").read_text())
@@ -101,12 +103,12 @@ def test_stage_classifier_reuses_encoder_and_split(trained_run, tiny_data, tmp_p
 def test_module_entry_point_and_console_script():
     out = subprocess.run([sys.executable, "-m", "melanoma_siamese", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout and "compare" in out.stdout
-    script = shutil.which("melanoma-siamese") or str(
-        __import__("pathlib").Path(sys.executable).parent / "melanoma-siamese")
+    script = shutil.which("melanoma-siamese") or str(Path(sys.executable).parent / "melanoma-siamese")
     out = subprocess.run([script, "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--skip-bad-images" in out.stdout
 
 
-def test_device_is_printed(trained_run, capsys):
+def test_device_is_printed(trained_run, tmp_path, capsys):
+    trained_run = Path(shutil.copytree(trained_run, tmp_path / "run"))
     main(["evaluate", "--run", str(trained_run), "--no-progress", "--set", "evaluation.bootstrap=0"])
     assert "Device: cpu" in capsys.readouterr().out

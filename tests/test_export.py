@@ -7,15 +7,17 @@ import pandas as pd
 import pytest
 
 from melanoma_siamese.cli import main
-from melanoma_siamese.export import onnx_scorer, sample_pixels
-from melanoma_siamese.predict import load_run, torch_scorer
+from melanoma_siamese.export import sample_pixels
+from melanoma_siamese.inference import Predictor, load_run
+from melanoma_siamese.runfolder import RunFolder
 
-from inference_run import image_files, shared_run
+from inference_run import image_files, private_copy, shared_run
 
 
 @pytest.fixture(scope="module")
 def exported(tiny_data, tmp_path_factory):
-    run = shared_run(tiny_data, tmp_path_factory)
+    # Export writes into the run: a copy, so the other modules' tests see the shared run as trained.
+    run = private_copy(shared_run(tiny_data, tmp_path_factory), tmp_path_factory.mktemp("exported"))
     assert main(["export", "--run", str(run), "--format", "onnx"]) == 0
     return run
 
@@ -38,8 +40,9 @@ def test_export_writes_a_valid_model_and_prints_the_difference(tiny_data, tmp_pa
 def test_onnx_takes_uint8_batches_of_any_size_and_matches_torch(exported):
     run = load_run(exported, "cpu")
     pixels, _ = sample_pixels(run, 5)
-    score = onnx_scorer(exported / "models" / "model.onnx")
-    torch_emb, torch_prob = torch_scorer(run)(pixels)
+    score = Predictor(run, "onnxruntime").score
+    assert RunFolder(exported).onnx.is_file()
+    torch_emb, torch_prob = Predictor(run).score(pixels)
     for batch in (pixels[:1], pixels):
         emb, prob = score(batch)
         assert emb.shape == (len(batch), 512) and prob.shape == (len(batch),)

@@ -2,9 +2,10 @@ import numpy as np
 import torch
 
 from melanoma_siamese.config import AugmentConfig
-from melanoma_siamese.data.images import build_cache, decode_image, sample_triplets, train_transform
+from melanoma_siamese.data.images import build_cache, sample_triplets, train_transform
+from melanoma_siamese.inputs import decode_image
 
-from conftest import write_image
+from helpers import write_image
 
 
 def test_conversions_are_counted_not_errors(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 
 from melanoma_siamese.cli import main
 
-from conftest import HAM
+from helpers import HAM
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ import pytest
 
 from melanoma_siamese.data.metadata import DataError, detect_layout, read_dataset
 
-from conftest import write_image
+from helpers import write_image
 
 
 def test_kaggle_layout(tmp_path):
@@ -106,3 +106,17 @@ def test_unknown_layout_says_what_is_expected(tmp_path):
     (tmp_path / "something.txt").write_text("x")
     with pytest.raises(DataError, match="no known layout.*something.txt"):
         detect_layout(tmp_path)
+
+
+def test_one_list_of_image_extensions_for_datasets_and_predict(tmp_path):
+    from melanoma_siamese.inputs import expand_inputs
+
+    folder = tmp_path / "train-image" / "image"
+    for name in ("ISIC_1.jpg", "ISIC_2.png", "ISIC_3.bmp", "ISIC_4.tiff", "ISIC_5.webp"):
+        write_image(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    pd.DataFrame({"isic_id": [f"ISIC_{i}" for i in range(1, 6)], "patient_id": ["P1", "P2", "P3", "P4", "P5"],
+                  "target": [0, 1, 0, 1, 0]}).to_csv(tmp_path / "train-metadata.csv", index=False)
+    ds = read_dataset(tmp_path)
+    assert not ds.problems and (ds.table["path"] != "").all()
+    assert sorted(map(str, expand_inputs([folder]))) == sorted(ds.table["path"])

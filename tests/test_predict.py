@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from melanoma_siamese.cli import main
-from melanoma_siamese.predict import (RetrievalIndex, expand_inputs, load_run, load_thresholds, predict_paths,
-                                      torch_scorer, val_pair_distances)
+from melanoma_siamese.inference import Predictor, RetrievalIndex, load_run, predict_paths, val_pair_distances
+from melanoma_siamese.inputs import expand_inputs
+from melanoma_siamese.runfolder import RunFolder
 
 from inference_run import image_files, png_header_only, shared_run
 
@@ -25,7 +26,7 @@ def run(run_dir):
 
 
 def test_cli_probability_and_knn_vote_equal_the_runs_evaluation(run_dir, tiny_data, tmp_path, capsys):
-    predictions = pd.read_csv(run_dir / "predictions.csv", dtype={"isic_id": str})
+    predictions = pd.read_csv(RunFolder(run_dir).predictions, dtype={"isic_id": str})
     test = predictions[predictions["part"] == "test"].head(6)
     folder = tmp_path / "new"
     folder.mkdir()
@@ -39,7 +40,7 @@ def test_cli_probability_and_knn_vote_equal_the_runs_evaluation(run_dir, tiny_da
     assert len(rows) == 6 and (rows["status"] == "ok").all()
     assert np.allclose(rows["probability"], expected["prob_melanoma"], atol=1e-5)
     assert np.allclose(rows["knn_probability"], expected["knn_prob_melanoma"], atol=1e-5)
-    threshold = json.loads((run_dir / "threshold.json").read_text())["classifier"]
+    threshold = json.loads(RunFolder(run_dir).thresholds.read_text())["classifier"]
     assert ((rows["probability"] >= threshold) == (rows["decision"] == "melanoma")).all()
     assert {"neighbour_3_id", "neighbour_3_label", "neighbour_3_distance"} <= set(rows.columns)
     assert "neighbour_4_id" not in rows.columns
@@ -50,7 +51,7 @@ def test_cli_probability_and_knn_vote_equal_the_runs_evaluation(run_dir, tiny_da
 def test_neighbours_are_the_exact_nearest_training_images(run, tiny_data):
     train = run.index.part("train")
     paths = [tiny_data / "train-image" / "image" / f"{i}.jpg" for i in train.ids[:4]]
-    rows = predict_paths(run, paths, torch_scorer(run), neighbours=4)
+    rows = predict_paths(Predictor(run), paths, neighbours=4)
     for row, image_id, emb in zip(rows, train.ids[:4], train.embeddings[:4]):
         # A training image finds itself first; the rest match a brute-force cosine ranking.
         assert row["neighbour_1_id"] == image_id and row["neighbour_1_distance"] < 1e-5
@@ -90,7 +91,7 @@ def test_csv_list_batches_and_progress_bar(run, run_dir, tiny_data, tmp_path, ca
     assert main(["predict", "--run", str(run_dir), str(listing), "--csv", str(out), "--batch-size", "3"]) == 0
     assert "Predicting" in capsys.readouterr().err
     batched = pd.read_csv(out)["probability"].to_numpy()
-    whole = [r["probability"] for r in predict_paths(run, paths, torch_scorer(run), batch_size=64)]
+    whole = [r["probability"] for r in predict_paths(Predictor(run), paths, batch_size=64)]
     assert np.allclose(batched, whole, atol=1e-6)
 
 
@@ -154,7 +155,7 @@ def test_val_pair_distances_against_every_pair():
 
 
 def test_threshold_is_half_and_says_so_without_threshold_json(tmp_path):
-    thresholds = load_thresholds(tmp_path)
+    thresholds = RunFolder(tmp_path).read_thresholds()
     assert thresholds.classifier == 0.5 and "no threshold.json" in thresholds.source
 
 

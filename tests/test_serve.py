@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from melanoma_siamese.cli import build_parser
-from melanoma_siamese.predict import load_run, predict_paths, torch_scorer
+from melanoma_siamese.inference import Predictor, load_run, predict_paths
 from melanoma_siamese.serve import DEFAULT_MAX_UPLOAD_BYTES, create_app
 
 from inference_run import image_files, png_header_only, shared_run
@@ -61,7 +61,7 @@ def test_predict_answers_as_the_cli_does_with_thumbnails_and_saliency(client, ru
     assert answer.status_code == 200
     body = answer.json()
     run = load_run(run_dir)
-    expected = predict_paths(run, [path], torch_scorer(run))[0]
+    expected = predict_paths(Predictor(run), [path])[0]
     assert body["probability"] == pytest.approx(expected["probability"], abs=1e-6)
     assert body["decision"] == expected["decision"] and body["threshold"] == expected["threshold"]
     assert body["knn_probability"] == pytest.approx(expected["knn_probability"], abs=1e-6)

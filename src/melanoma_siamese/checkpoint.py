@@ -7,13 +7,12 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError  # noqa: F401  (re-exported)
 from .models import Classifier, Encoder
 
+# The layout of a model file; load_model refuses any other, so a future change cannot be misread silently.
 FORMAT = 1
 PREFIXES = ("module.", "_orig_mod.")
-
-
-from .errors import CheckpointError  # noqa: F401  (re-exported)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -63,6 +62,9 @@ def load_checkpoint(path: Path) -> dict:
     data = _read(path, "checkpoint", f"checkpoint {path} does not exist")
     if "state_dict" not in data or "kind" not in data:
         raise CheckpointError(f"checkpoint {path} is not a melanoma-siamese checkpoint (no 'kind'/'state_dict')")
+    if data.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {data.get('format')!r}; this version of melanoma-siamese "
+                              f"reads format {FORMAT} (retrain, or use the version that wrote it)")
     return data
 
 

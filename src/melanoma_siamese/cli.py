@@ -1,81 +1,61 @@
-"""Command line: parse, load the configuration, call the pieces, report. Exit 2 on bad input."""
+"""Command line: parse, dispatch, and turn the package's errors into messages and exit codes (2: bad input).
+
+Each command's module is imported only when that command is named, so `--help`, `<command> --help` and a
+mistyped option answer without importing torch. Real failures (a CUDA error, a bug) keep their traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import ctypes
-import json
+import inspect
 import os
 import sys
 import time
-from importlib import resources
+from importlib import import_module
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
-from .checkpoint import CheckpointError
-from .config import ConfigError, Config, load_config
-from .data.metadata import DataError
-from .engine import Interrupted
-from .models import WeightsError
+from .config import Config
+from .errors import CheckpointError, ConfigError, DataError, Interrupted, WeightsError
+from .options import PACKAGED_CONFIGS, add_common, add_data, config_path, overrides_of, resolve_config  # noqa: F401
+from .runfolder import RunFolder
 
-PACKAGED_CONFIGS = ("default", "reference", "plain-ce", "default-no-head", "demo")
-# Modules that add their own sub-commands: each has add_parser(subparsers, common) and sets `handler`.
-COMMAND_MODULES = ("compare", "predict", "export", "serve", "bench")
-
-
-def config_path(name: Optional[str]) -> Path:
-    """A file path, or the name of a packaged recipe (default, reference, plain-ce, demo)."""
-    name = name or "default"
-    path = Path(name)
-    if path.is_file():
-        return path
-    stem = path.name.removesuffix(".yaml")
-    if stem in PACKAGED_CONFIGS and not path.exists() and len(path.parts) <= 2:
-        return Path(str(resources.files("melanoma_siamese") / "configs" / f"{stem}.yaml"))
-    raise ConfigError(f"configuration file {name} does not exist; give a YAML path or one of "
-                      f"{', '.join(PACKAGED_CONFIGS)}")
+# Commands declared in their own module (add_parser(sub) adds the sub-command and sets `handler`), with
+# the line `melanoma-siamese --help` lists for them without importing the module.
+MODULE_COMMANDS = {
+    "compare": ("compare", "train recipes on one split over several seeds; write a table"),
+    "predict": ("predict", "melanoma probability, decision and similar known cases for images"),
+    "pair": ("predict", "embedding distance of two images, against validation pair distances"),
+    "export": ("export", "write encoder + classifier as one ONNX model and check it"),
+    "serve": ("serve", "web page and HTTP API over a trained run"),
+    "bench": ("bench", "measure input pipeline, passes per image, embedding speed and memory side by side on "
+              "this machine (--gpu: training throughput on a CUDA GPU)"),
+}
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="recipe YAML file or packaged name (default: default)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one configuration value, e.g. --set model.backbone=resnet18 (repeatable)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
-    parser.add_argument("--seed", type=int, help="seed of the split, sampling and initialisation")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _data_args(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument("--data", type=Path, help="dataset folder (Kaggle 256x256, original ISIC 2020, or isic-cli)")
-    parser.add_argument("--metadata", type=Path, help="metadata CSV for any other layout (with --images)")
-    parser.add_argument("--images", type=Path, help="image folder for --metadata")
-    parser.add_argument("--skip-bad-images", action="store_true",
-                        help="drop missing or undecodable images (listed in the run folder) instead of stopping")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="melanoma-siamese", description=(
-        "Siamese metric learning for melanoma vs benign on dermoscopic images: train, evaluate, compare."))
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _own_commands(sub) -> None:
     train = sub.add_parser("train", help="validate data, split by patient, train both stages, evaluate")
-    _data_args(train, True)
+    add_data(train)
     train.add_argument("--out", type=Path, help="run folder (default runs/<time>)")
     train.add_argument("--stage", choices=("all", "siamese", "classifier"), default="all",
-                       help="classifier: reuse the run's siamese.pth and split, train stage 2 only")
+                       help="classifier: reuse the run's trained encoder and split, train stage 2 only")
     train.add_argument("--resume", type=Path, metavar="RUN",
                        help="continue RUN from its last completed epoch (its config, split and data)")
-    _common(train)
+    add_common(train)
+    train.set_defaults(handler=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="re-score a run on its saved split, or on another dataset")
     evaluate.add_argument("--run", type=Path, required=True, help="run folder written by train")
-    _data_args(evaluate, False)
+    add_data(evaluate)
     evaluate.add_argument("--tta", action="store_true", help="average the 8 flips/transposes of each image")
-    _common(evaluate)
+    add_common(evaluate)
+    evaluate.set_defaults(handler=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="generate a synthetic dataset, train and evaluate on it (a few minutes on CPU)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--images", type=int, default=480, help="number of generated images")
-    _common(demo)
+    add_common(demo)
+    demo.set_defaults(handler=cmd_demo)
 
     synth = sub.add_parser("synth", help="write a synthetic dataset in the Kaggle ISIC layout")
     synth.add_argument("--out", type=Path, required=True)
@@ -83,28 +63,40 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--melanoma-fraction", type=float, default=0.25)
     synth.add_argument("--size", type=int, default=64)
     synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(handler=cmd_synth)
 
-    from importlib import import_module
 
-    for name in COMMAND_MODULES:
-        import_module(f".{name}", __package__).add_parser(sub, _common)
+def _declare(module, sub) -> None:
+    # `bench` still takes the unused `common` argument the other modules dropped.
+    if len(inspect.signature(module.add_parser).parameters) == 2:
+        module.add_parser(sub, add_common)
+    else:
+        module.add_parser(sub)
+
+
+def build_parser(commands: Optional[Collection[str]] = None) -> argparse.ArgumentParser:
+    """The whole parser; with `commands`, only those are declared in full (their modules imported), and
+    the others are listed by name and help line."""
+    parser = argparse.ArgumentParser(prog="melanoma-siamese", description=(
+        "Siamese metric learning for melanoma vs benign on dermoscopic images: train, evaluate, compare."))
+    sub = parser.add_subparsers(dest="command", required=True)
+    _own_commands(sub)
+    wanted = {MODULE_COMMANDS[c][0] for c in (MODULE_COMMANDS if commands is None else commands)
+              if c in MODULE_COMMANDS}
+    declared: set[str] = set()
+    for name, (module, help_line) in MODULE_COMMANDS.items():
+        if module not in wanted:
+            sub.add_parser(name, help=help_line)
+        elif module not in declared:
+            _declare(import_module(f".{module}", __package__), sub)
+            declared.add(module)
     return parser
 
 
-def resolve_config(args: argparse.Namespace, base: Optional[Path] = None) -> Config:
-    overrides = list(args.overrides)
-    if getattr(args, "device", None):
-        overrides.append(f"runtime.device={args.device}")
-    if getattr(args, "seed", None) is not None:
-        overrides.append(f"runtime.seed={args.seed}")
-    if getattr(args, "no_progress", False):
-        overrides.append("runtime.progress=false")
-    if getattr(args, "skip_bad_images", False):
-        overrides.append("data.skip_bad_images=true")
-    if getattr(args, "tta", False):
-        overrides.append("evaluation.tta=true")
-    path = base if base is not None else config_path(args.config)
-    return load_config(path, overrides)
+def named_command(argv: Sequence[str]) -> list[str]:
+    """The sub-command in argv (the first word that is not an option), as a list of zero or one."""
+    first = next((word for word in argv if not word.startswith("-")), None)
+    return [first] if first in MODULE_COMMANDS else []
 
 
 def _source(args: argparse.Namespace):
@@ -115,15 +107,29 @@ def _source(args: argparse.Namespace):
     return DataSource(args.data, args.metadata, args.images)
 
 
+def _run_config(args: argparse.Namespace, run: RunFolder, command: str) -> Config:
+    """A run's own saved configuration, with this command's --set overrides."""
+    run.require_trained()
+    if args.config:
+        raise ConfigError(f"{command} uses the run's own {run.config.name}; --config is not accepted (use --set)")
+    return run.read_config(overrides_of(args))
+
+
+def _data_of(args: argparse.Namespace, run: RunFolder):
+    """The data named on the command line, else the data the run was trained on."""
+    from .train import DataSource
+
+    return _source(args) if (args.data or args.metadata) else DataSource(**run.source())
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import run_train
 
     if args.resume is not None:
-        run = args.resume
+        run = RunFolder(args.resume)
         config = _run_config(args, run, "train --resume")
-        source = _source(args) if (args.data or args.metadata) else _saved_source(run)
-        run_train(config, source, run, args.stage, resume=True)
-        print(f"Run folder: {run}")
+        run_train(config, _data_of(args, run), run.root, args.stage, resume=True)
+        print(f"Run folder: {run.root}")
         return 0
     config = resolve_config(args)
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -132,42 +138,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(args: argparse.Namespace, run: Path, command: str) -> Config:
-    """A run's own saved configuration, with this command's --set overrides."""
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run} is not a run folder: config.yaml is missing (train writes it)")
-    if args.config:
-        raise ConfigError(f"{command} uses the run's own config.yaml; --config is not accepted (use --set)")
-    return resolve_config(args, base=run / "config.yaml")
-
-
-def _saved_source(run: Path):
-    from .train import DataSource
-
-    saved = json.loads((run / "run.json").read_text())["source"]
-    return DataSource(*(Path(saved[k]) if saved[k] else None for k in ("data", "metadata", "images")))
-
-
 def cmd_evaluate(args: argparse.Namespace, log=print) -> int:
     from .data.prepare import apply_saved_split
-    from .engine import resolve_device
     from .evaluate import evaluate_run
+    from .runtime import resolve_device
     from .train import load_source
 
-    run = args.run
+    run = RunFolder(args.run)
     config = _run_config(args, run, "evaluate")
     external = args.data is not None or args.metadata is not None
-    if external:
-        source = _source(args)
-    else:
-        source = _saved_source(run)
+    source = _data_of(args, run)
     prepared = load_source(config, source, config.runtime.progress, log)
     if not external:
-        apply_saved_split(prepared, run / "split.csv")
+        apply_saved_split(prepared, run.split)
     device = resolve_device(config.runtime.device)
     log(f"Device: {device}")
-    evaluate_run(run, config, prepared, device, log,
-                 external=(source.data or source.metadata) if external else None)
+    evaluate_run(run, config, prepared, device, log, external=(source.data or source.metadata) if external else None)
     return 0
 
 
@@ -191,10 +177,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start = time.time()
     metrics = run_train(config, DataSource(data=data_dir), args.out)
     # Re-score from the saved files, as `evaluate --run` does.
-    evaluate_args = build_parser().parse_args(["evaluate", "--run", str(args.out), "--no-progress"])
+    evaluate_args = build_parser(()).parse_args(["evaluate", "--run", str(args.out), "--no-progress"])
     print("\nRe-scoring the saved run with `melanoma-siamese evaluate --run` ...")
     cmd_evaluate(evaluate_args, log=lambda line: None)
-    trained = json.loads((args.out / "metrics.json").read_text())
+    trained = RunFolder(args.out).read_metrics()
     untrained = metrics["baseline"]["untrained_encoder_test_knn_auc"]
     print(f"\nDemo finished in {time.time() - start:.0f} s. Run folder: {args.out}")
     print(f"ROC AUC: {trained['test']['roc_auc']:.2f} (trained encoder + MLP, test part); "
@@ -223,26 +209,19 @@ def keep_freed_memory() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "synth": cmd_synth}
+    args = build_parser(named_command(argv)).parse_args(argv)
     try:
-        return handlers[args.command](args) if args.command in handlers else args.handler(args)
+        return args.handler(args)
     except Interrupted as exc:
         signum = int(exc.args[0]) if exc.args else 15
-        print(f"Interrupted by signal {signum}: the last completed epoch is kept in RUN/state/siamese_last.pth; "
+        print(f"Interrupted by signal {signum}: the last completed epoch is kept in {RunFolder(Path('RUN')).state()}; "
               "continue with: melanoma-siamese train --resume RUN", file=sys.stderr)
         return 128 + signum
-    except DataError as exc:
+    except (ConfigError, DataError, WeightsError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-    except (ConfigError, WeightsError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-    except RuntimeError as exc:
-        if "CUDA" not in str(exc) and "cuda" not in str(exc):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-    return 2
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Score a trained run: predictions, the threshold chosen on validation, metrics, plots, retrieval index."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Optional
@@ -12,11 +11,12 @@ import torch
 from sklearn.metrics import classification_report
 
 from . import plots
-from .checkpoint import load_model
 from .config import Config
 from .data.prepare import Prepared, balanced_test_ids
 from .engine import embed, melanoma_probability
+from .inference import LoadedRun, load_run
 from .metrics import binary_report, bootstrap_ci, choose_threshold, knn_probabilities
+from .runfolder import RunFolder
 
 Log = Callable[[str], None]
 
@@ -59,15 +59,15 @@ def print_report(name: str, frame: pd.DataFrame, prob_column: str, report: dict,
     log(classification_report(y, pred, labels=[0, 1], target_names=["benign", "melanoma"], zero_division=0, digits=4))
 
 
-def _predict_parts(encoder, classifier, prepared: Prepared, parts: tuple[str, ...], config: Config,
-                   device: torch.device, reference: tuple[np.ndarray, np.ndarray]) -> tuple[pd.DataFrame, dict]:
-    d = config.data
+def _predict_parts(run: LoadedRun, prepared: Prepared, parts: tuple[str, ...],
+                   reference: tuple[np.ndarray, np.ndarray]) -> tuple[pd.DataFrame, dict]:
+    config, d = run.config, run.config.data
     frames, embeddings = [], {}
     for part in parts:
         frame = prepared.part(part)[["isic_id", "patient_id", "target", "row"]].copy()
-        emb = embed(encoder, prepared.array, frame["row"].to_numpy(), d.mean, d.std, device,
+        emb = embed(run.encoder, prepared.array, frame["row"].to_numpy(), d.mean, d.std, run.device,
                     tta=config.evaluation.tta, progress=config.runtime.progress, desc=f"Embedding {part}")
-        frame["prob_melanoma"] = melanoma_probability(classifier, emb)
+        frame["prob_melanoma"] = melanoma_probability(run.classifier, emb)
         frame["knn_prob_melanoma"] = knn_probabilities(emb, reference[0], reference[1], config.evaluation.knn_k)
         frame["part"] = part
         frames.append(frame)
@@ -75,80 +75,98 @@ def _predict_parts(encoder, classifier, prepared: Prepared, parts: tuple[str, ..
     return pd.concat(frames, ignore_index=True), embeddings
 
 
-def _plots(frame_test: pd.DataFrame, test_emb: np.ndarray, report: dict, out_dir: Path, seed: int) -> None:
-    images = out_dir / "images"
+def _plots(frame_test: pd.DataFrame, test_emb: np.ndarray, report: dict, out: RunFolder, seed: int) -> None:
     y = frame_test["target"].to_numpy()
     curves = {"MLP / classifier": (y, frame_test["prob_melanoma"].to_numpy()),
               "kNN vote": (y, frame_test["knn_prob_melanoma"].to_numpy())}
-    plots.confusion_matrix(report["confusion_matrix"], images / "confusion_matrix.png",
+    plots.confusion_matrix(report["confusion_matrix"], out.image("confusion_matrix.png"),
                            f"Test, threshold {report['threshold']:.3f}")
-    plots.roc_curves(curves, images / "roc_curve.png")
-    plots.pr_curves(curves, images / "pr_curve.png")
+    plots.roc_curves(curves, out.image("roc_curve.png"))
+    plots.pr_curves(curves, out.image("pr_curve.png"))
     if len(np.unique(y)) == 2:
-        plots.reliability(y, frame_test["prob_melanoma"].to_numpy(), images / "reliability.png")
+        plots.reliability(y, frame_test["prob_melanoma"].to_numpy(), out.image("reliability.png"))
     if len(y) >= 5:
-        plots.embedding_map(test_emb, y, images / "embedding_map.png", seed)
-        plots.distance_histograms(test_emb[:3000], y[:3000], images / "distance_hist.png")
+        plots.embedding_map(test_emb, y, out.image("embedding_map.png"), seed)
+        plots.distance_histograms(test_emb[:3000], y[:3000], out.image("distance_hist.png"))
 
 
-def evaluate_run(run_dir: Path, config: Config, prepared: Prepared, device: torch.device, log: Log = print,
-                 external: Optional[Path] = None) -> dict:
+def _on_saved_split(run: LoadedRun, prepared: Prepared) -> tuple[pd.DataFrame, dict, dict]:
+    """Embed train (the kNN reference), val and test; choose both thresholds on val; write index and thresholds."""
+    config, d, folder = run.config, run.config.data, run.folder
+    train = prepared.part("train")
+    ref_emb = embed(run.encoder, prepared.array, train["row"].to_numpy(), d.mean, d.std, run.device,
+                    progress=config.runtime.progress, desc="Embedding train")
+    ref_labels = train["target"].to_numpy()
+    frame, embeddings = _predict_parts(run, prepared, ("val", "test"), (ref_emb, ref_labels))
+    val = frame[frame["part"] == "val"]
+    rule = config.evaluation
+    thresholds = {"rule": rule.threshold, "target_sensitivity": rule.target_sensitivity}
+    for name, column in (("classifier", "prob_melanoma"), ("knn", "knn_prob_melanoma")):
+        thresholds[name] = choose_threshold(val["target"].to_numpy(), val[column].to_numpy(), rule.threshold,
+                                            rule.target_sensitivity, rule.fixed_threshold)
+    folder.write_index(np.concatenate([ref_emb, embeddings["val"]]),
+                       np.concatenate([train["isic_id"].to_numpy(), val["isic_id"].to_numpy()]),
+                       np.concatenate([ref_labels, val["target"].to_numpy()]),
+                       np.array(["train"] * len(train) + ["val"] * len(val)))
+    folder.write_thresholds(thresholds)
+    return frame, embeddings, thresholds
+
+
+def _on_other_data(run: LoadedRun, prepared: Prepared) -> tuple[pd.DataFrame, dict, dict]:
+    """Every image of another dataset scored as test, against the run's saved index and thresholds."""
+    train = run.index.part("train")
+    prepared.table["part"] = "test"
+    frame, embeddings = _predict_parts(run, prepared, ("test",), (train.embeddings, train.labels))
+    return frame, embeddings, run.thresholds.record
+
+
+def evaluate_run(run_dir: Path | RunFolder, config: Config, prepared: Prepared, device: torch.device,
+                 log: Log = print, external: Optional[Path] = None) -> dict:
     """Evaluate on the saved split's test part, or (external) on every image of another dataset."""
-    run_dir = Path(run_dir)
-    encoder, _ = load_model(run_dir / "models" / "siamese.pth", "siamese")
-    classifier, _ = load_model(run_dir / "models" / "classifier.pth", "classifier")
-    encoder.to(device)
+    folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
+    run = load_run(folder, device, config=config, with_index=external is not None)
     d = config.data
     if external is None:
-        train = prepared.part("train")
-        ref_emb = embed(encoder, prepared.array, train["row"].to_numpy(), d.mean, d.std, device,
-                        progress=config.runtime.progress, desc="Embedding train")
-        ref_labels = train["target"].to_numpy()
-        frame, embeddings = _predict_parts(encoder, classifier, prepared, ("val", "test"), config, device,
-                                           (ref_emb, ref_labels))
-        val = frame[frame["part"] == "val"]
-        rule = config.evaluation
-        threshold = choose_threshold(val["target"].to_numpy(), val["prob_melanoma"].to_numpy(), rule.threshold,
-                                     rule.target_sensitivity, rule.fixed_threshold)
-        knn_threshold = choose_threshold(val["target"].to_numpy(), val["knn_prob_melanoma"].to_numpy(),
-                                         rule.threshold, rule.target_sensitivity, rule.fixed_threshold)
-        val_emb = embeddings["val"]
-        np.savez(run_dir / "index.npz",
-                 embeddings=np.concatenate([ref_emb, val_emb]).astype(np.float32),
-                 ids=np.concatenate([train["isic_id"].to_numpy(), val["isic_id"].to_numpy()]).astype(str),
-                 labels=np.concatenate([ref_labels, val["target"].to_numpy()]),
-                 parts=np.array(["train"] * len(train) + ["val"] * len(val)))
-        thresholds = {"rule": rule.threshold, "target_sensitivity": rule.target_sensitivity,
-                      "classifier": threshold, "knn": knn_threshold}
-        (run_dir / "threshold.json").write_text(json.dumps(thresholds, indent=2))
-        out_dir = run_dir
+        frame, embeddings, thresholds = _on_saved_split(run, prepared)
+        out = folder
         balanced_ids = balanced_test_ids(prepared, d.balanced_test_per_class, config.runtime.seed)
     else:
-        index = np.load(run_dir / "index.npz")
-        keep = index["parts"] == "train"
-        reference = (index["embeddings"][keep], index["labels"][keep])
-        thresholds = json.loads((run_dir / "threshold.json").read_text())
-        threshold, knn_threshold = thresholds["classifier"], thresholds["knn"]
-        prepared.table["part"] = "test"
-        frame, embeddings = _predict_parts(encoder, classifier, prepared, ("test",), config, device, reference)
-        out_dir = run_dir / "external" / Path(external).resolve().name
-        (out_dir / "images").mkdir(parents=True, exist_ok=True)
+        frame, embeddings, thresholds = _on_other_data(run, prepared)
+        out = folder.external(Path(external).resolve().name)
+        out.images.mkdir(parents=True, exist_ok=True)
         balanced_ids = balanced_test_ids(prepared, d.balanced_test_per_class, config.runtime.seed) \
             if prepared.table["target"].nunique() == 2 else np.array([])
+    metrics = _metrics(frame, thresholds, config, balanced_ids, folder if external is None else None)
+    frame.drop(columns=["row"]).rename(columns={"target": "label"}).to_csv(out.predictions, index=False)
+    out.write_metrics(_clean(metrics))
+    _report(frame, metrics, balanced_ids, config, log)
     test = frame[frame["part"] == "test"]
+    _plots(test, embeddings["test"], metrics["test"], out, config.runtime.seed)
+    log(f"Wrote {out.metrics}, {out.predictions} and plots in {out.images}")
+    return metrics
+
+
+def _metrics(frame: pd.DataFrame, thresholds: dict, config: Config, balanced_ids: np.ndarray,
+             saved_split: Optional[RunFolder]) -> dict:
+    """Test metrics of both scores; on the saved split also validation's and the recorded baseline."""
+    test = frame[frame["part"] == "test"]
+    threshold, knn_threshold = thresholds.get("classifier", 0.5), thresholds.get("knn", 0.5)
     metrics = {"threshold": thresholds}
     metrics.update(score(test, "prob_melanoma", threshold, config, balanced_ids))
     metrics["knn"] = score(test, "knn_prob_melanoma", knn_threshold, config, balanced_ids)
-    if external is None:
+    if saved_split is not None:
         val = frame[frame["part"] == "val"]
         metrics["val"] = binary_report(val["target"].to_numpy(), val["prob_melanoma"].to_numpy(), threshold)
         metrics["knn"]["val"] = binary_report(val["target"].to_numpy(), val["knn_prob_melanoma"].to_numpy(),
                                               knn_threshold)
-        baseline_file = run_dir / "baseline.json"
-        if baseline_file.is_file():
-            metrics["baseline"] = json.loads(baseline_file.read_text())
-    frame.drop(columns=["row"]).rename(columns={"target": "label"}).to_csv(out_dir / "predictions.csv", index=False)
-    (out_dir / "metrics.json").write_text(json.dumps(_clean(metrics), indent=2))
+        baseline = saved_split.read_baseline()
+        if baseline is not None:
+            metrics["baseline"] = baseline
+    return metrics
+
+
+def _report(frame: pd.DataFrame, metrics: dict, balanced_ids: np.ndarray, config: Config, log: Log) -> None:
+    test = frame[frame["part"] == "test"]
     print_report("Test, natural prevalence (classifier)", test, "prob_melanoma", metrics["test"], log)
     if "test_balanced" in metrics:
         bal = test[test["isic_id"].isin(set(balanced_ids))]
@@ -156,6 +174,3 @@ def evaluate_run(run_dir: Path, config: Config, prepared: Prepared, device: torc
     k = metrics["knn"]["test"]
     log(f"kNN vote (k={config.evaluation.knn_k}) on test: ROC AUC {k['roc_auc']:.4f}, balanced accuracy "
         f"{100 * k['balanced_accuracy']:.2f}%")
-    _plots(test, embeddings["test"], metrics["test"], out_dir, config.runtime.seed)
-    log(f"Wrote {out_dir / 'metrics.json'}, {out_dir / 'predictions.csv'} and plots in {out_dir / 'images'}")
-    return metrics

@@ -1,8 +1,9 @@
-"""One ONNX model of encoder + classifier, checked against PyTorch, and the onnxruntime engine of `predict`.
+"""`export`: one ONNX model of encoder + classifier, checked against PyTorch.
 
 The ONNX model takes what a decoder gives: `images`, uint8, N x S x S x 3 (RGB, channels last, S the run's
 image_size), and returns `embedding` (N x 512, L2-normalised) and `probability` (N, melanoma). Scaling and
-normalisation are inside it, so a caller needs no knowledge of the run's mean and std.
+normalisation are inside it (inference.PixelModel), so a caller needs no knowledge of the run's mean and std.
+Torch is imported when the command runs, not when its options are declared.
 """
 from __future__ import annotations
 
@@ -10,44 +11,29 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
-import torch
-from torch import nn
-
-from .predict import ImageRejected, LoadedRun, Scorer, load_run, read_image, torch_scorer
 
 TOLERANCE = 1e-4
 OPSET = 17
 
 
-class PixelModel(nn.Module):
-    """uint8 N x S x S x 3 -> (embedding, melanoma probability): the whole of what the ONNX file computes."""
+def export_onnx(run, path: Path, opset: int = OPSET) -> Path:
+    """Write the run's encoder + classifier (a LoadedRun) as one ONNX file."""
+    from .inference import PixelModel
 
-    def __init__(self, encoder: nn.Module, classifier: nn.Module, mean: float, std: float):
-        super().__init__()
-        self.encoder, self.classifier, self.mean, self.std = encoder, classifier, mean, std
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images.permute(0, 3, 1, 2).float() / 255
-        embedding = self.encoder((x - self.mean) / self.std)
-        return embedding, torch.softmax(self.classifier(embedding), dim=1)[:, 1]
-
-
-def default_onnx_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "models" / "model.onnx"
-
-
-def export_onnx(run: LoadedRun, path: Path, opset: int = OPSET) -> Path:
     model = PixelModel(run.encoder.cpu(), run.classifier.cpu(), run.config.data.mean, run.config.data.std).eval()
     export_pixel_model(model, run.config.data.image_size, path, opset)
     run.encoder.to(run.device)
     return path
 
 
-def export_pixel_model(model: PixelModel, size: int, path: Path, opset: int = OPSET) -> Path:
-    """Write one ONNX file (uint8 N x size x size x 3 in; embedding and probability out), checked by onnx."""
+def export_pixel_model(model, size: int, path: Path, opset: int = OPSET) -> Path:
+    """Write one ONNX file of a PixelModel (uint8 N x size x size x 3 in; embedding and probability out),
+    checked by onnx."""
+    import onnx
+    import torch
+
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -56,29 +42,15 @@ def export_pixel_model(model: PixelModel, size: int, path: Path, opset: int = OP
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
                           input_names=["images"], output_names=["embedding", "probability"],
                           dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}, "probability": {0: "batch"}})
-    import onnx
-
     onnx.checker.check_model(str(path))
     return path
 
 
-def onnx_scorer(path: Path, threads: Optional[int] = None) -> Scorer:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def score(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        embedding, probability = session.run(None, {"images": np.ascontiguousarray(pixels, dtype=np.uint8)})
-        return embedding, probability
-
-    return score
-
-
-def sample_pixels(run: LoadedRun, count: int = 8, seed: int = 0) -> tuple[np.ndarray, str]:
+def sample_pixels(run, count: int = 8, seed: int = 0) -> tuple[np.ndarray, str]:
     """Training images of the run where its data can still be read, else seeded random images."""
+    from .errors import ImageRejected
+    from .inputs import read_image
+
     size = run.config.data.image_size
     images = []
     for image_id in run.index.part("train").ids:
@@ -96,17 +68,21 @@ def sample_pixels(run: LoadedRun, count: int = 8, seed: int = 0) -> tuple[np.nda
     return rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8), f"{count} random images (data not found)"
 
 
-def compare_with_torch(run: LoadedRun, onnx_path: Path, pixels: np.ndarray) -> dict:
-    """Largest absolute differences between onnxruntime and the PyTorch path `predict` uses."""
-    torch_emb, torch_prob = torch_scorer(run)(pixels)
-    onnx_emb, onnx_prob = onnx_scorer(onnx_path)(pixels)
+def compare_with_torch(run, onnx_path: Path, pixels: np.ndarray) -> dict:
+    """Largest absolute differences between onnxruntime and the PyTorch engine `predict` uses."""
+    from .inference import Predictor
+
+    torch_emb, torch_prob = Predictor(run, "torch").score(pixels)
+    onnx_emb, onnx_prob = Predictor(run, "onnxruntime", onnx_path).score(pixels)
     return {"probability": float(np.abs(torch_prob - onnx_prob).max()),
             "embedding": float(np.abs(torch_emb - onnx_emb).max())}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .inference import load_run
+
     run = load_run(args.run, "cpu")
-    path = args.out or default_onnx_path(run.path)
+    path = args.out or run.folder.onnx
     export_onnx(run, path, args.opset)
     pixels, what = sample_pixels(run, args.check_images)
     diff = compare_with_torch(run, path, pixels)
@@ -121,7 +97,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub, common) -> None:
+def add_parser(sub) -> None:
     parser = sub.add_parser("export", help="write encoder + classifier as one ONNX model and check it")
     parser.add_argument("--run", type=Path, required=True, help="run folder written by train")
     parser.add_argument("--format", choices=("onnx",), default="onnx")
@@ -129,3 +105,13 @@ def add_parser(sub, common) -> None:
     parser.add_argument("--opset", type=int, default=OPSET)
     parser.add_argument("--check-images", type=int, default=8, help="images compared with PyTorch (default 8)")
     parser.set_defaults(handler=cmd_export)
+
+
+def __getattr__(name: str):
+    # `bench` still imports these two from here; they moved to inference (the engines' home). Resolved on
+    # use so that importing this module for its options does not import torch.
+    if name in ("PixelModel", "onnx_scorer"):
+        from . import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

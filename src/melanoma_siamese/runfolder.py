@@ -1,17 +1,34 @@
 """The run folder: every path of a run, in one place.
 
 Every module that reads or writes a run goes through `RunFolder`; no other module spells a file name
-of the run. Imports no torch, so light commands can check a folder quickly.
+of the run, and the small files (configuration, run.json, thresholds, index, metrics) are read and
+written here. Imports no torch, so light commands can check a folder quickly.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
 
 from .errors import ConfigError
+
+INDEX_ARRAYS = ("embeddings", "ids", "labels", "parts")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The decision thresholds of a run, and where they came from (said beside every answer)."""
+
+    classifier: float
+    knn: float
+    source: str
+    record: dict  # as written by evaluate, {} when the run has none
 
 
 @dataclass(frozen=True)
@@ -111,15 +128,75 @@ class RunFolder:
     def write_json(self, path: Path, value) -> None:
         write_text_atomic(path, json.dumps(value, indent=2))
 
+    def read_config(self, overrides: Sequence[str] = ()):
+        """The run's own resolved configuration, with `--set` overrides on top."""
+        from .config import load_config
+
+        return load_config(self.require_trained().config, list(overrides))
+
+    def run_info(self) -> dict:
+        """run.json (what `train` recorded: data source, parts, versions); {} when absent."""
+        return self.read_json(self.run_json) if self.run_json.is_file() else {}
+
+    def source(self) -> dict[str, Optional[Path]]:
+        """The data the run was trained on: `data`, `metadata`, `images` (each a path or None)."""
+        saved = self.run_info().get("source")
+        if saved is None:
+            raise ConfigError(f"{self.run_json} is missing or names no data source; give --data")
+        return {k: Path(saved[k]) if saved.get(k) else None for k in ("data", "metadata", "images")}
+
+    def train_prevalence(self) -> Optional[float]:
+        train = self.run_info().get("parts", {}).get("train")
+        return train["melanoma"] / train["images"] if train and train.get("images") else None
+
+    def read_thresholds(self) -> Thresholds:
+        if not self.thresholds.is_file():
+            return Thresholds(0.5, 0.5, f"0.5 (the run has no {self.thresholds.name} with a validation-chosen "
+                              "threshold)", {})
+        record = self.read_json(self.thresholds)
+        return Thresholds(float(record["classifier"]), float(record.get("knn", 0.5)),
+                          f"chosen on the validation part ({record.get('rule', 'unknown rule')})", record)
+
+    def write_thresholds(self, record: dict) -> None:
+        self.write_json(self.thresholds, record)
+
+    def read_index(self) -> dict[str, np.ndarray]:
+        """The retrieval index: L2-normalised embeddings, ids, labels and parts of train and val images."""
+        if not self.index.is_file():
+            raise ConfigError(f"{self.root} has no {self.index.name} (the retrieval index); `melanoma-siamese "
+                              f"evaluate --run {self.root}` writes it")
+        with np.load(self.index) as data:
+            return {"embeddings": data["embeddings"].astype(np.float32), "ids": data["ids"].astype(str),
+                    "labels": data["labels"].astype(int), "parts": data["parts"].astype(str)}
+
+    def write_index(self, embeddings: np.ndarray, ids: np.ndarray, labels: np.ndarray, parts: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, embeddings=np.asarray(embeddings, dtype=np.float32), ids=np.asarray(ids).astype(str),
+                 labels=np.asarray(labels), parts=np.asarray(parts).astype(str))
+        write_bytes_atomic(self.index, buffer.getvalue())
+
+    def read_metrics(self) -> dict:
+        return self.read_json(self.metrics)
+
+    def write_metrics(self, metrics: dict) -> None:
+        self.write_json(self.metrics, metrics)
+
+    def read_baseline(self) -> Optional[dict]:
+        return self.read_json(self.baseline) if self.baseline.is_file() else None
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write through a temporary file in the same folder and rename: a reader never sees half a file."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

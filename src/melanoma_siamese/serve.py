@@ -18,8 +18,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from .predict import (DEFAULT_MAX_PIXELS, DEFAULT_NEIGHBOURS, ImageRejected, LoadedRun, describe, load_run,
-                      read_image, torch_scorer)
+from .errors import ImageRejected
+from .inputs import DEFAULT_MAX_PIXELS, read_image
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # Room for the multipart boundary and headers around the one file.
@@ -30,12 +30,14 @@ NOTE = ("Research tool, not a diagnosis. The probability is the model's score on
         "training data, not a patient's risk; the decision uses the threshold chosen on validation images.")
 
 
-class Predictor:
-    """A loaded run with what concurrent requests need: a scorer, and a Grad-CAM copy behind a lock."""
+class Service:
+    """A loaded run with what concurrent requests need: a predictor, and a Grad-CAM copy behind a lock."""
 
-    def __init__(self, run: LoadedRun, max_pixels: int):
+    def __init__(self, run, max_pixels: int):
+        from .inference import Predictor
+
         self.run, self.max_pixels = run, max_pixels
-        self.score = torch_scorer(run)
+        self.predictor = Predictor(run)
         # Grad-CAM hooks the target layer: on the shared model they would catch other requests' activations.
         self.saliency_run = copy.copy(run)
         self.saliency_run.encoder = copy.deepcopy(run.encoder)
@@ -45,8 +47,7 @@ class Predictor:
 
     def predict(self, data: bytes, saliency: bool, neighbours: int) -> dict:
         pixels = read_image(data, self.run.config.data.image_size, self.max_pixels)[None]
-        emb, probs = self.score(pixels)
-        result = describe(self.run, emb, probs, neighbours)[0]
+        result = self.predictor.answers(pixels, neighbours)[0]
         for s in result["similar"]:
             s["image_url"] = f"/api/similar/{s['id']}/image" if s["id"] in self.known else None
         result["saliency_png"] = self.saliency(pixels) if saliency else None
@@ -126,7 +127,9 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     from fastapi.responses import HTMLResponse, Response
     from pydantic import BaseModel
 
-    predictor = Predictor(load_run(run_dir, device), max_pixels)
+    from .inference import DEFAULT_NEIGHBOURS, load_run
+
+    service = Service(load_run(run_dir, device), max_pixels)
     page = (resources.files("melanoma_siamese") / "web" / "index.html").read_text(encoding="utf-8")
 
     class Similar(BaseModel):
@@ -176,7 +179,7 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
 
     @app.get("/api/health", response_model=Health)
     def health() -> dict:
-        return predictor.health()
+        return service.health()
 
     @app.post("/api/predict", response_model=Prediction, responses=errors)
     async def predict(file: UploadFile = File(..., description="one image (JPEG, PNG, ...)"),
@@ -190,7 +193,7 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         if not data:
             raise HTTPException(400, "empty file")
         try:
-            return await run_in_threadpool(predictor.predict, data, saliency, neighbours)
+            return await run_in_threadpool(service.predict, data, saliency, neighbours)
         except ImageRejected as exc:
             raise HTTPException(exc.status, str(exc)) from exc
 
@@ -199,7 +202,7 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     def similar_image(image_id: str = PathParam(..., pattern=ID_PATTERN, max_length=128)) -> Response:
         # Only ids of the retrieval index are served, from the paths recorded for them: never a path built
         # from the request.
-        path = predictor.known.get(image_id)
+        path = service.known.get(image_id)
         if path is None:
             raise HTTPException(404, f"no known image with id {image_id!r}")
         try:
@@ -222,7 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub, common) -> None:
+def add_parser(sub) -> None:
     parser = sub.add_parser("serve", help="web page and HTTP API over a trained run")
     parser.add_argument("--run", type=Path, required=True, help="run folder written by train")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

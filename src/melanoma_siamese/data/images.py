@@ -18,12 +18,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
 from torchvision.transforms import v2
 
 from ..config import AugmentConfig
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+from ..inputs import decode_image
+from ..preprocess import to_model_input
 
 
 @dataclass
@@ -32,29 +31,6 @@ class ImageCache:
     failures: dict[int, str]  # row -> reason
     conversions: dict[str, int]  # e.g. {"mode L": 3, "resized": 10}
     path: Optional[Path]
-
-
-def decode_image(path: str | Path, size: int) -> tuple[np.ndarray, list[str]]:
-    """RGB uint8 array of size x size, and the conversions it needed. Raises on unreadable files."""
-    notes: list[str] = []
-    with Image.open(path) as image:
-        if image.format == "JPEG":
-            # Decode large JPEGs at a reduced scale: full-resolution ISIC images are ~6000x4000.
-            image.draft("RGB", (size, size))
-        image.load()
-        if image.mode != "RGB":
-            notes.append(f"mode {image.mode}")
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                background = Image.new("RGB", rgba.size, (255, 255, 255))
-                background.paste(rgba, mask=rgba.split()[-1])
-                image = background
-            else:
-                image = image.convert("RGB")
-        if image.size != (size, size):
-            notes.append("resized")
-            image = image.resize((size, size), Image.BILINEAR)
-        return np.asarray(image, dtype=np.uint8), notes
 
 
 def _cache_key(paths: Sequence[str], size: int) -> str:
@@ -137,11 +113,18 @@ def train_transform(size: int, mean: float, std: float, augment: AugmentConfig) 
         steps.append(v2.RandomHorizontalFlip())
     if augment.vflip:
         steps.append(v2.RandomVerticalFlip())
-    return v2.Compose(steps + eval_transform(size, mean, std).transforms)
+    return v2.Compose(steps + [ModelInput(mean, std)])
 
 
-def eval_transform(size: int, mean: float, std: float) -> v2.Compose:
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize([mean] * 3, [std] * 3)])
+class ModelInput(torch.nn.Module):
+    """uint8 C x H x W -> the model's normalised float input, through the one conversion (preprocess)."""
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return to_model_input(image.permute(1, 2, 0)[None], self.mean, self.std)[0]
 
 
 def to_chw(pixels: np.ndarray) -> torch.Tensor:

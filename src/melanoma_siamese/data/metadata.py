@@ -13,7 +13,9 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+from ..errors import DataError, Problem  # noqa: F401  (re-exported)
+from ..inputs import IMAGE_EXTENSIONS
+
 ID_COLUMNS = ("isic_id", "image_name", "image_id", "id")
 DIAGNOSIS_COLUMNS = ("diagnosis_3", "diagnosis")
 ALL_DIAGNOSIS_COLUMNS = ("diagnosis_1", "diagnosis_2", "diagnosis_3", "diagnosis_4", "diagnosis_5", "diagnosis")
@@ -24,25 +26,6 @@ BENIGN_MALIGNANT = {
     "indeterminate/benign": 0,
     "indeterminate/malignant": 0,
 }
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with the input, with where it is and what was expected."""
-
-    file: str
-    message: str
-    column: Optional[str] = None
-    value: Optional[str] = None
-    kind: str = "error"
-
-    def __str__(self) -> str:
-        where = self.file
-        if self.column is not None:
-            where += f", column '{self.column}'"
-        if self.value is not None:
-            where += f", value '{self.value}'"
-        return f"{where}: {self.message}"
 
 
 @dataclass
@@ -56,15 +39,6 @@ class Dataset:
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dropped_duplicates: int = 0
-
-
-class DataError(Exception):
-    """Input that cannot be used; carries every problem found."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        lines = [f"  - {p}" for p in problems]
-        super().__init__(f"{len(problems)} problem(s) with the input data:\n" + "\n".join(lines))
 
 
 def detect_layout(data_dir: Path) -> tuple[str, Path, Path, Optional[Path]]:

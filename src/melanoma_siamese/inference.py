@@ -1,0 +1,284 @@
+"""A trained run put to use: the one loader of a run (evaluate, predict, pair, serve and export use it),
+the retrieval index, the two engines (PyTorch, and onnxruntime on the exported model), and the answer
+for a batch of images: probability, decision, kNN vote and the most similar known images.
+
+The commands (`predict`, `pair`, `serve`, `export`, `evaluate`) live in their own modules and call this.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .checkpoint import load_model
+from .config import Config
+from .errors import ConfigError, ImageRejected
+from .inputs import DEFAULT_MAX_PIXELS, read_image
+from .preprocess import to_model_input
+from .runfolder import RunFolder, Thresholds
+
+LABEL_NAMES = ("not melanoma", "melanoma")
+ENGINES = ("torch", "onnxruntime")
+DEFAULT_NEIGHBOURS = 5
+VAL_PAIR_SAMPLE = 3000
+
+# pixels (N x S x S x 3 uint8) -> (embeddings N x D, melanoma probabilities N)
+Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class RetrievalIndex:
+    """Embeddings (L2-normalised), ids, labels and parts of the run's training and validation images.
+
+    Search is exact: cosine similarity is one matrix product, and 33k x 512 float32 is 68 MB.
+    """
+
+    embeddings: np.ndarray
+    ids: np.ndarray
+    labels: np.ndarray
+    parts: np.ndarray
+
+    def part(self, name: str) -> "RetrievalIndex":
+        keep = self.parts == name
+        return RetrievalIndex(self.embeddings[keep], self.ids[keep], self.labels[keep], self.parts[keep])
+
+    def nearest(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (N x k) of the most similar entries and their cosine distances (1 - cosine similarity)."""
+        k = min(k, len(self.ids))
+        sims = np.asarray(query, dtype=np.float32) @ self.embeddings.T
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else \
+            np.broadcast_to(np.arange(k), sims.shape).copy()
+        order = np.take_along_axis(top, np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1), axis=1)
+        # Clipped: rounding makes an image's distance to itself about -1e-7.
+        return order, np.clip(1.0 - np.take_along_axis(sims, order, axis=1), 0.0, 2.0)
+
+
+@dataclass
+class LoadedRun:
+    folder: RunFolder
+    config: Config
+    encoder: nn.Module
+    classifier: nn.Module
+    index: Optional[RetrievalIndex]
+    thresholds: Thresholds
+    train_prevalence: Optional[float]
+    device: torch.device
+
+    @property
+    def path(self) -> Path:
+        return self.folder.root
+
+    @cached_property
+    def image_paths(self) -> dict[str, str]:
+        """isic_id -> image file, from the dataset the run was trained on (empty when it is no longer there)."""
+        from .data.metadata import DataError, read_dataset
+
+        try:
+            source = self.folder.source()
+            table = read_dataset(source["data"], source["metadata"], source["images"]).table
+        except (ConfigError, DataError, OSError):
+            return {}
+        return {i: p for i, p in zip(table["isic_id"], table["path"]) if p}
+
+
+def load_run(run_dir: Path | RunFolder, device: str | torch.device = "cpu", config: Optional[Config] = None,
+             with_index: bool = True) -> LoadedRun:
+    """Models, configuration (the run's own unless given), thresholds and, with_index, the retrieval index.
+
+    Evaluation loads without the index, which it writes; every other use needs it."""
+    from .runtime import resolve_device
+
+    folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
+    config = config if config is not None else folder.read_config()
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
+    encoder, _ = load_model(folder.siamese, "siamese")
+    classifier, _ = load_model(folder.classifier, "classifier")
+    index = RetrievalIndex(**folder.read_index()) if with_index else None
+    return LoadedRun(folder, config, encoder.to(torch_device), classifier, index, folder.read_thresholds(),
+                     folder.train_prevalence(), torch_device)
+
+
+class PixelModel(nn.Module):
+    """uint8 N x S x S x 3 -> (embedding, melanoma probability): the whole of what the ONNX file computes."""
+
+    def __init__(self, encoder: nn.Module, classifier: nn.Module, mean: float, std: float):
+        super().__init__()
+        self.encoder, self.classifier, self.mean, self.std = encoder, classifier, mean, std
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.encoder(to_model_input(images, self.mean, self.std))
+        return embedding, torch.softmax(self.classifier(embedding), dim=1)[:, 1]
+
+
+def torch_scorer(run: LoadedRun, batch_size: int = 64) -> Scorer:
+    from .engine import embed, melanoma_probability
+
+    d = run.config.data
+
+    def score(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        emb = embed(run.encoder, pixels, np.arange(len(pixels)), d.mean, d.std, run.device, batch_size,
+                    tta=run.config.evaluation.tta)
+        return emb, melanoma_probability(run.classifier, emb)
+
+    return score
+
+
+def onnx_scorer(path: Path, threads: Optional[int] = None) -> Scorer:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def score(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        embedding, probability = session.run(None, {"images": np.ascontiguousarray(pixels, dtype=np.uint8)})
+        return embedding, probability
+
+    return score
+
+
+class Predictor:
+    """A loaded run and one engine: images -> answers. `engine` is "torch" or "onnxruntime" (the exported
+    model, RUN/models/model.onnx unless `onnx_path` names another)."""
+
+    def __init__(self, run: LoadedRun, engine: str = "torch", onnx_path: Optional[Path] = None,
+                 batch_size: int = 64):
+        if engine not in ENGINES:
+            raise ConfigError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+        self.run, self.engine = run, engine
+        if engine == "torch":
+            self.score = torch_scorer(run, batch_size)
+            return
+        path = onnx_path or run.folder.onnx
+        if not Path(path).is_file():
+            raise ConfigError(f"ONNX model {path} does not exist; write it with `melanoma-siamese export --run "
+                              f"{run.path} --format onnx`")
+        self.score = onnx_scorer(Path(path))
+
+    def answers(self, pixels: np.ndarray, neighbours: int = DEFAULT_NEIGHBOURS) -> list[dict]:
+        emb, probs = self.score(pixels)
+        return describe(self.run, emb, probs, neighbours)
+
+
+def describe(run: LoadedRun, embeddings: np.ndarray, probs: np.ndarray, neighbours: int) -> list[dict]:
+    """Per image: probability and decision, the kNN vote beside it, and the most similar training images.
+
+    The vote uses the training part only, with the run's knn_k, as the validation-chosen kNN threshold did.
+    """
+    from .metrics import knn_probabilities
+
+    train = run.index.part("train")
+    votes = knn_probabilities(embeddings, train.embeddings, train.labels, run.config.evaluation.knn_k)
+    order, distances = train.nearest(embeddings, neighbours)
+    t = run.thresholds
+    out = []
+    for i, (p, vote) in enumerate(zip(probs, votes)):
+        similar = [{"id": str(train.ids[j]), "label": int(train.labels[j]), "label_name": LABEL_NAMES[train.labels[j]],
+                    "distance": float(d)} for j, d in zip(order[i], distances[i])]
+        out.append({"probability": float(p), "decision": LABEL_NAMES[int(p >= t.classifier)],
+                    "threshold": t.classifier, "knn_probability": float(vote),
+                    "knn_decision": LABEL_NAMES[int(vote >= t.knn)], "knn_threshold": t.knn,
+                    "similar": similar})
+    return out
+
+
+def flat_row(path: Path, result: Optional[dict], reason: str = "", saliency: str = "") -> dict:
+    """One CSV row of `predict`: the answer with its neighbours spread over numbered columns."""
+    row = {"path": str(path), "status": "ok" if result else "failed", "reason": reason}
+    if result:
+        row.update({k: result[k] for k in ("probability", "decision", "threshold", "knn_probability",
+                                           "knn_decision", "knn_threshold")})
+        for n, s in enumerate(result["similar"], 1):
+            row.update({f"neighbour_{n}_id": s["id"], f"neighbour_{n}_label": s["label"],
+                        f"neighbour_{n}_distance": s["distance"]})
+        if saliency:
+            row["saliency"] = saliency
+    return row
+
+
+def _decode_batch(paths: Sequence[Path], size: int, max_pixels: int) -> list[tuple[Optional[np.ndarray], str]]:
+    def work(path: Path) -> tuple[Optional[np.ndarray], str]:
+        try:
+            return read_image(path, size, max_pixels), ""
+        except ImageRejected as exc:
+            return None, str(exc)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(work, paths))
+
+
+def predict_paths(predictor: Predictor, paths: Sequence[Path], neighbours: int = DEFAULT_NEIGHBOURS,
+                  batch_size: int = 64, saliency_dir: Optional[Path] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  progress: bool = False) -> list[dict]:
+    """One flat row per path, in order; unreadable files get status 'failed' and the reason."""
+    from tqdm.auto import tqdm
+
+    run = predictor.run
+    rows: list[dict] = []
+    with tqdm(total=len(paths), desc="Predicting", unit="image", disable=not progress, leave=False) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            decoded = _decode_batch(chunk, run.config.data.image_size, max_pixels)
+            good = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
+            results: dict[int, dict] = {}
+            overlays: dict[int, str] = {}
+            if good:
+                pixels = np.stack([decoded[i][0] for i in good])
+                results = dict(zip(good, predictor.answers(pixels, neighbours)))
+                if saliency_dir is not None:
+                    overlays = dict(zip(good, write_saliency(run, pixels, [chunk[i] for i in good],
+                                                             saliency_dir, start + np.array(good))))
+            for i, path in enumerate(chunk):
+                rows.append(flat_row(path, results.get(i), decoded[i][1], overlays.get(i, "")))
+            bar.update(len(chunk))
+    return rows
+
+
+def write_saliency(run: LoadedRun, pixels: np.ndarray, paths: Sequence[Path], out_dir: Path,
+                   numbers: np.ndarray) -> list[str]:
+    """Grad-CAM overlays as PNG files in out_dir, one per image; their paths."""
+    from .saliency import saliency_overlays
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for overlay, path, number in zip(saliency_overlays(run, pixels), paths, numbers):
+        # The running number keeps two inputs called image.jpg in different folders apart.
+        target = out_dir / f"{int(number):05d}_{path.stem}_gradcam.png"
+        Image.fromarray(overlay).save(target)
+        written.append(str(target))
+    return written
+
+
+def val_pair_distances(index: RetrievalIndex, limit: int = VAL_PAIR_SAMPLE, seed: int = 0) -> dict[str, np.ndarray]:
+    """Cosine distances of every same-class and every other-class pair of validation images."""
+    val = index.part("val")
+    if len(val.ids) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(val.ids), limit, replace=False))
+        val = RetrievalIndex(val.embeddings[keep], val.ids[keep], val.labels[keep], val.parts[keep])
+    distances = 1.0 - val.embeddings @ val.embeddings.T
+    upper = np.triu(np.ones_like(distances, dtype=bool), k=1)
+    same = val.labels[:, None] == val.labels[None, :]
+    return {"same_class": distances[upper & same], "other_class": distances[upper & ~same]}
+
+
+def pair_report(predictor: Predictor, pixels: np.ndarray) -> dict:
+    """Distance of two images and where it falls among validation same-class and other-class distances."""
+    emb, probs = predictor.score(pixels)
+    distance = float(1.0 - emb[0] @ emb[1])
+    reference = {}
+    for name, values in val_pair_distances(predictor.run.index).items():
+        reference[name] = {"pairs": int(len(values)),
+                           "share_closer": float((values <= distance).mean()) if len(values) else None,
+                           "median": float(np.median(values)) if len(values) else None}
+    t = predictor.run.thresholds.classifier
+    return {"distance": distance, "cosine_similarity": 1.0 - distance,
+            "images": [{"probability": float(p), "decision": LABEL_NAMES[int(p >= t)]} for p in probs],
+            "threshold": t, "validation": reference}

@@ -1,0 +1,102 @@
+"""Images from outside: which files count as images, decoding one to the model's size, and reading an
+untrusted one (a path or uploaded bytes) with every refusal named. Imports no torch, so the commands
+that declare options from here start quickly.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .errors import ConfigError, ImageRejected
+
+# The one list: dataset folders, `predict FOLDER` and the cache all accept these (anything PIL decodes
+# without plugins beyond its defaults).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Full-size ISIC 2020 photographs are up to 6000 x 6000 (36 MP); anything far beyond is refused undecoded.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def decode_image(path: str | Path | io.BytesIO, size: int) -> tuple[np.ndarray, list[str]]:
+    """RGB uint8 array of size x size, and the conversions it needed. Raises on unreadable files."""
+    notes: list[str] = []
+    with Image.open(path) as image:
+        if image.format == "JPEG":
+            # Decode large JPEGs at a reduced scale: full-resolution ISIC images are ~6000x4000.
+            image.draft("RGB", (size, size))
+        image.load()
+        if image.mode != "RGB":
+            notes.append(f"mode {image.mode}")
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                background = Image.new("RGB", rgba.size, (255, 255, 255))
+                background.paste(rgba, mask=rgba.split()[-1])
+                image = background
+            else:
+                image = image.convert("RGB")
+        if image.size != (size, size):
+            notes.append("resized")
+            image = image.resize((size, size), Image.BILINEAR)
+        return np.asarray(image, dtype=np.uint8), notes
+
+
+def _header_size(handle) -> tuple[int, int]:
+    try:
+        with Image.open(handle) as image:
+            return image.size
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(f"image dimensions are too large ({exc})", 413) from exc
+    except FileNotFoundError as exc:
+        raise ImageRejected("file does not exist", 404) from exc
+    except IsADirectoryError as exc:
+        raise ImageRejected("is a folder, not an image file", 400) from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageRejected("not an image (no known image format)", 415) from exc
+    except Exception as exc:  # OSError mostly; some format plugins raise ValueError and the like on bad headers
+        raise ImageRejected(f"cannot be read ({type(exc).__name__}: {exc})", 400) from exc
+
+
+def read_image(source: str | Path | bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """size x size x 3 uint8 from a path or bytes; ImageRejected (with the reason) for anything unusable."""
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    width, height = _header_size(handle)
+    # Checked from the header before decoding, so a small file claiming huge dimensions costs nothing.
+    if width * height > max_pixels:
+        raise ImageRejected(f"image dimensions {width} x {height} exceed the limit of {max_pixels} pixels", 413)
+    if isinstance(handle, io.BytesIO):
+        handle.seek(0)
+    try:
+        pixels, _ = decode_image(handle, size)
+    except Exception as exc:  # PIL raises many types for truncated or corrupt data
+        raise ImageRejected(f"corrupt image ({type(exc).__name__}: {exc})", 400) from exc
+    return pixels
+
+
+def _listed_paths(listing: Path) -> list[Path]:
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(listing, dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises many kinds here
+        raise ConfigError(f"{listing}: cannot be read as a CSV list of image paths: {exc}") from exc
+    if table.empty:
+        raise ConfigError(f"{listing}: the CSV lists no image paths")
+    column = "path" if "path" in table.columns else table.columns[0]
+    return [p if p.is_absolute() else listing.parent / p for p in map(Path, table[column]) if str(p)]
+
+
+def expand_inputs(items: Sequence[Path]) -> list[Path]:
+    """Files as given; folders searched recursively for image files; a .csv lists paths (column `path`)."""
+    out: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            out += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                          and not p.name.startswith("."))
+        elif item.suffix.lower() == ".csv" and item.is_file():
+            out += _listed_paths(item)
+        else:
+            out.append(item)
+    return out
