@@ -13,6 +13,7 @@ import threading
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -120,17 +121,9 @@ def _filename_is_safe(name: Optional[str]) -> bool:
     return not ("/" in name or "\\" in name or "\x00" in name or name in (".", "..") or name.startswith(".."))
 
 
-def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu"):
-    from fastapi import FastAPI, File, HTTPException, Path as PathParam, Query, UploadFile
-    from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import HTMLResponse, Response
+def _schemas() -> SimpleNamespace:
+    """The API's response models (pydantic, imported with the optional [serve] extra)."""
     from pydantic import BaseModel
-
-    from .inference import DEFAULT_NEIGHBOURS, load_run
-
-    service = Service(load_run(run_dir, device), max_pixels)
-    page = (resources.files("melanoma_siamese") / "web" / "index.html").read_text(encoding="utf-8")
 
     class Similar(BaseModel):
         id: str
@@ -168,7 +161,22 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     class Error(BaseModel):
         detail: str
 
-    errors = {code: {"model": Error} for code in (400, 404, 413, 415)}
+    return SimpleNamespace(Similar=Similar, Prediction=Prediction, Health=Health, Error=Error)
+
+
+def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+               max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu"):
+    from fastapi import FastAPI, File, HTTPException, Path as PathParam, Query, UploadFile
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import HTMLResponse, Response
+
+    from .inference import DEFAULT_NEIGHBOURS, load_run
+
+    service = Service(load_run(run_dir, device), max_pixels)
+    page = (resources.files("melanoma_siamese") / "web" / "index.html").read_text(encoding="utf-8")
+
+    schemas = _schemas()
+    errors = {code: {"model": schemas.Error} for code in (400, 404, 413, 415)}
     app = FastAPI(title="melanoma-siamese", version="0.1.0", description=NOTE)
     app.add_middleware(BodyLimit, limit=max_upload_bytes + MULTIPART_OVERHEAD)
     thumbnail = lru_cache(maxsize=1024)(thumbnail_png)
@@ -177,11 +185,11 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     def index_page() -> str:
         return page
 
-    @app.get("/api/health", response_model=Health)
+    @app.get("/api/health", response_model=schemas.Health)
     def health() -> dict:
         return service.health()
 
-    @app.post("/api/predict", response_model=Prediction, responses=errors)
+    @app.post("/api/predict", response_model=schemas.Prediction, responses=errors)
     async def predict(file: UploadFile = File(..., description="one image (JPEG, PNG, ...)"),
                       saliency: bool = Query(False, description="add a Grad-CAM overlay as a PNG data URL"),
                       neighbours: int = Query(DEFAULT_NEIGHBOURS, ge=1, le=50)) -> dict:

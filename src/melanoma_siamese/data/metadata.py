@@ -150,23 +150,43 @@ def read_dataset(
     images: Optional[Path] = None,
 ) -> Dataset:
     """Read metadata and locate images. Problems are returned on the Dataset, not raised."""
-    duplicates_file = None
-    if metadata is not None or images is not None:
-        if metadata is None or images is None:
-            raise DataError([Problem("command line", "--metadata and --images go together")])
-        layout, metadata_file, image_dir = "custom", Path(metadata), Path(images)
-        if not metadata_file.is_file():
-            raise DataError([Problem(str(metadata_file), "metadata CSV does not exist")])
-    else:
-        layout, metadata_file, image_dir, duplicates_file = detect_layout(Path(data_dir))
+    layout, metadata_file, image_dir, duplicates_file = _locate(data_dir, metadata, images)
+    file = str(metadata_file)
+    table, problems = _read_ids(metadata_file)
+    dropped = 0
+    if duplicates_file is not None:
+        table, dropped, duplicate_problems = _drop_listed_duplicates(table, duplicates_file)
+        problems += duplicate_problems
+    labels, label_problems, warnings = derive_labels(table, file)
+    problems += label_problems
+    table["target"] = labels.values
+    warnings += _patient_groups(table, file)
+    problems += _attach_paths(table, image_dir, layout, metadata_file)
+    front = ["isic_id", "patient_id", "target", "path"]
+    table = table[front + [c for c in table.columns if c not in front]]
+    return Dataset(table, layout, metadata_file, image_dir, problems, warnings, dropped)
+
+
+def _locate(data_dir: Optional[Path], metadata: Optional[Path],
+            images: Optional[Path]) -> tuple[str, Path, Path, Optional[Path]]:
+    """(layout, metadata file, image folder, duplicates file) from --data or --metadata with --images."""
+    if metadata is None and images is None:
+        return detect_layout(Path(data_dir))
+    if metadata is None or images is None:
+        raise DataError([Problem("command line", "--metadata and --images go together")])
+    if not Path(metadata).is_file():
+        raise DataError([Problem(str(metadata), "metadata CSV does not exist")])
+    return "custom", Path(metadata), Path(images), None
+
+
+def _read_ids(metadata_file: Path) -> tuple[pd.DataFrame, list[Problem]]:
+    """The metadata table with its id column named isic_id; empty and repeated ids as problems."""
     file = str(metadata_file)
     try:
         table = pd.read_csv(metadata_file, dtype={"isic_id": str, "image_name": str, "patient_id": str},
                             low_memory=False)
     except Exception as exc:  # pandas raises many kinds here
         raise DataError([Problem(file, f"cannot be read as CSV: {exc}")]) from exc
-    problems: list[Problem] = []
-    warnings: list[str] = []
     id_column = next((c for c in ID_COLUMNS if c in table.columns), None)
     if id_column is None:
         raise DataError([Problem(file, f"missing the image id column; expected one of {', '.join(ID_COLUMNS)}; "
@@ -174,33 +194,29 @@ def read_dataset(
     table = table.rename(columns={id_column: "isic_id"}) if id_column != "isic_id" else table
     table["isic_id"] = table["isic_id"].map(_text)
     table = table.reset_index(drop=True)
-
-    empty_ids = table.index[table["isic_id"] == ""]
-    for i in empty_ids:
-        problems.append(Problem(file, f"row {i + 2}: empty image id", "isic_id", "<empty>"))
+    problems = [Problem(file, f"row {i + 2}: empty image id", "isic_id", "<empty>")
+                for i in table.index[table["isic_id"] == ""]]
     dup_mask = table["isic_id"].duplicated(keep=False) & (table["isic_id"] != "")
     for image_id in sorted(set(table.loc[dup_mask, "isic_id"])):
         rows = [str(i + 2) for i in table.index[table["isic_id"] == image_id]]
         problems.append(Problem(file, f"duplicate image id on rows {', '.join(rows)}; each id must appear once",
                                 id_column, image_id))
+    return table, problems
 
-    dropped = 0
-    if duplicates_file is not None:
-        pairs = pd.read_csv(duplicates_file, dtype=str)
-        second = pairs.columns[1] if len(pairs.columns) >= 2 else None
-        if second is None:
-            problems.append(Problem(str(duplicates_file), "expected two columns (image_name_1, image_name_2)"))
-        else:
-            drop = set(pairs[second].map(_text)) - {""}
-            keep = ~table["isic_id"].isin(drop)
-            dropped = int((~keep).sum())
-            table = table[keep].reset_index(drop=True)
 
-    labels, label_problems, label_warnings = derive_labels(table, file)
-    problems += label_problems
-    warnings += label_warnings
-    table["target"] = labels.values
+def _drop_listed_duplicates(table: pd.DataFrame, duplicates_file: Path) -> tuple[pd.DataFrame, int, list[Problem]]:
+    """ISIC 2020 lists near-identical image pairs; the second of each pair is dropped."""
+    pairs = pd.read_csv(duplicates_file, dtype=str)
+    if len(pairs.columns) < 2:
+        return table, 0, [Problem(str(duplicates_file), "expected two columns (image_name_1, image_name_2)")]
+    drop = set(pairs[pairs.columns[1]].map(_text)) - {""}
+    keep = ~table["isic_id"].isin(drop)
+    return table[keep].reset_index(drop=True), int((~keep).sum()), []
 
+
+def _patient_groups(table: pd.DataFrame, file: str) -> list[str]:
+    """Fill patient_id in place; an image without one becomes its own group. Returns the warnings."""
+    warnings = []
     if "patient_id" not in table.columns:
         warnings.append(f"{file}: no 'patient_id' column; every image is its own patient group, so images of one "
                         "patient may land in different parts of the split")
@@ -210,23 +226,24 @@ def read_dataset(
     if missing.any() and "patient_id" in table.columns and not missing.all():
         warnings.append(f"{file}: {int(missing.sum())} image(s) have no patient_id; each becomes its own group")
     table["patient_id"] = np.where(missing, "single:" + table["isic_id"], patients)
+    return warnings
 
+
+def _attach_paths(table: pd.DataFrame, image_dir: Path, layout: str, metadata_file: Path) -> list[Problem]:
+    """Set table["path"] in place ("" where absent). Returns the problems: no folder, or listed images absent."""
     listing: dict[str, Path] = {}
+    problems = []
     if image_dir.is_dir():
-        for p in image_dir.iterdir():
-            if p.suffix.lower() in IMAGE_EXTENSIONS:
-                listing[p.name] = p
+        listing = {p.name: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
     else:
         problems.append(Problem(str(image_dir), f"image folder does not exist; expected the {layout} layout's "
                                 "images there"))
     paths = []
-    for i, image_id in table["isic_id"].items():
+    for image_id in table["isic_id"]:
         path = _find_image(image_dir, image_id, listing) if image_id else None
         if path is None and image_dir.is_dir() and image_id:
             problems.append(Problem(str(image_dir), f"image listed in {metadata_file.name} is absent; expected "
                                     f"{image_id}.jpg", "isic_id", image_id, kind="missing"))
         paths.append(str(path) if path is not None else "")
     table["path"] = paths
-    front = ["isic_id", "patient_id", "target", "path"]
-    table = table[front + [c for c in table.columns if c not in front]]
-    return Dataset(table, layout, metadata_file, image_dir, problems, warnings, dropped)
+    return problems
