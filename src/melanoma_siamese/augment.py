@@ -14,18 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from .config import AugmentConfig
+from .preprocess import normalize, to_unit
 
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
 GRAY = torch.tensor([0.299, 0.587, 0.114])
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-
-
-def to_float(batch: torch.Tensor, size: int | None = None) -> torch.Tensor:
-    """uint8 B x H x W x 3 -> float B x 3 x H x W in [0, 1] (resized to size x size if given)."""
-    x = batch.permute(0, 3, 1, 2).float().div_(255)
-    if size is not None and x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x
 
 
 def async_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -34,10 +27,6 @@ def async_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
-
-
-def normalize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    return (x - mean) / std
 
 
 class BatchAugment:
@@ -125,5 +114,5 @@ class BatchAugment:
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         p = self.to_device(self.parameters(len(batch), generator), batch.device)
-        x = self.geometry(batch.permute(0, 3, 1, 2).float().div_(255), p)
+        x = self.geometry(to_unit(batch), p)
         return normalize(self.colour(x, p), self.mean, self.std)

@@ -25,7 +25,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -315,29 +314,70 @@ def _batch_images(batch) -> int:
     return len(batch[0])
 
 
-def our_source(array: np.ndarray, rows: np.ndarray, labels: np.ndarray, size: int, device: torch.device,
-               channels_last: bool = False):
-    """Our training input (stage1.CacheBatches): the uint8 cache, batches augmented as tensors on `device`."""
-    from .augment import BatchAugment
-    from .config import DataConfig
-    from .stage1 import CacheBatches
+def recipe_config(recipe: str, backbone: str, size: int, batch: int, seed: int, epoch_images: int = 0):
+    """The configuration train would run for a recipe: 'ours' (balanced batches, multi-similarity loss and
+    miner, CE head, batches augmented as tensors on the device) or 'reference' (sampled triplets, fp32).
+    `batch` is the batch size in images ('ours') or triplets ('reference')."""
+    from .config import Config, DataConfig, ModelConfig, RuntimeConfig, SiameseConfig
 
-    d = DataConfig()
-    return CacheBatches(SimpleNamespace(array=array), rows, labels, BatchAugment(size, d.mean, d.std, d.augment),
-                        device, "auto", channels_last)
+    if recipe == "ours":
+        siamese = SiameseConfig(loss="multi_similarity", mining="multi_similarity", margin=0.5, ce_weight=1.0,
+                                batch_size=batch, epoch_images=epoch_images, optimizer="adamw")
+        runtime = RuntimeConfig(seed=seed, num_workers=0, progress=False)
+    else:
+        siamese = SiameseConfig(loss="triplet", mining="sampled", margin=1.0, batch_size=batch,
+                                epoch_images=epoch_images)
+        runtime = RuntimeConfig(seed=seed, num_workers=0, progress=False, amp="off", channels_last="off")
+    return Config(data=DataConfig(image_size=size), model=ModelConfig(backbone, "none", 512), siamese=siamese,
+                  runtime=runtime)
+
+
+def train_step(config, labels: np.ndarray, device: torch.device):
+    """The training step train builds for `config` (encoder, objective, optimizer, precision, backend flags)."""
+    from .engine import TrainStep
+    from .models import Encoder
+    from .objective import make_objective
+    from .optim import encoder_optimizer
+    from .runtime import precision_for, set_backend_flags
+    from .stage1 import TrainModule
+
+    set_backend_flags(device)
+    precision = precision_for(config.runtime, device)
+    encoder = precision.layout(Encoder(config.model.backbone, "none", config.model.embedding_dim,
+                                       ce_head=config.siamese.ce_weight > 0).to(device))
+    objective = make_objective(config, labels, device)
+    optimizer = encoder_optimizer(config.siamese, encoder, objective.parameters())
+    return TrainStep(TrainModule(encoder, objective.metric_loss), objective, optimizer, precision)
+
+
+def our_source(array: np.ndarray, rows: np.ndarray, labels: np.ndarray, size: int, device: torch.device,
+               channels_last: bool = False, batch: int = 64, seed: int = 0):
+    """Our training input (batches.DeviceBatches, as train builds it): the uint8 cache, batches augmented
+    as tensors on `device`."""
+    from .batches import DeviceBatches
+
+    return DeviceBatches(recipe_config("ours", "resnet18", size, batch, seed), array, rows, labels, device,
+                         channels_last=channels_last)
 
 
 def our_epoch(source, labels: np.ndarray, batch: int, count: int, seed: int):
-    """`count` class-balanced batches from `source`, as train_siamese draws them."""
+    """`count` class-balanced batches of (images, labels) from `source`, as train_siamese draws them."""
     from .data.sampler import BalancedBatchSampler
 
     sampler = BalancedBatchSampler(labels, batch, seed, balanced=True, epoch_images=batch * count)
-    return source.epoch(sampler.batches(), torch.Generator().manual_seed(seed))
+    return ((images, y) for images, y, _ in source.batches(sampler.batches(), torch.Generator().manual_seed(seed)))
 
 
 def our_batches(array: np.ndarray, rows: np.ndarray, labels: np.ndarray, size: int, device: torch.device,
                 batch: int, count: int, seed: int, channels_last: bool = False):
-    return our_epoch(our_source(array, rows, labels, size, device, channels_last), labels, batch, count, seed)
+    return our_epoch(our_source(array, rows, labels, size, device, channels_last, batch, seed), labels, batch, count,
+                     seed)
+
+
+def stacked_triplets(batches: Iterable, device: torch.device):
+    """(anchors, positives, negatives) batches as the training loop takes them: stacked, on `device`."""
+    for batch in batches:
+        yield torch.cat([t.to(device, non_blocking=True) for t in batch]), None
 
 
 # ------------------------------------------------------------------------------------------ CPU bench
@@ -467,37 +507,20 @@ class PassCounter:
 
 def short_epoch_passes(recipe: str, array: np.ndarray, rows: np.ndarray, labels: np.ndarray, backbone: str,
                        size: int, device: torch.device, seed: int) -> float:
-    """Backbone passes per training image in one epoch over `rows` of the recipe: 'reference' (sampled
-    triplets, three passes each, as train.py runs it) or 'ours' (balanced batches, in-batch mining)."""
-    from .config import DataConfig
-    from .data.images import TripletImages, item_seeds, sample_triplets, train_transform, triplet_keys
-    from .engine import sampled_triplet_loss, train_siamese_epoch
-    from .losses import build_loss, build_miner
-    from .models import Encoder
-    from .stage1 import TrainModule
+    """Backbone passes per training image in one epoch over `rows` of the recipe, with the batch source and
+    training step train builds: 'reference' (sampled triplets, three passes each) or 'ours' (balanced
+    batches, in-batch mining)."""
+    from .batches import make_batch_source
+    from .engine import train_siamese_epoch
 
     torch.manual_seed(seed)
-    d = DataConfig()
-    encoder = Encoder(backbone, "none", 512, ce_head=recipe == "ours").to(device)
-    counter = PassCounter(encoder)
     n = len(rows)
+    # An epoch of the reference: as many sampled triplets as training images, in two batches; ours: one batch.
+    config = recipe_config(recipe, backbone, size, n // 2 if recipe == "reference" else n, seed, epoch_images=n)
+    step = train_step(config, labels, device)
+    counter = PassCounter(step.model.encoder)
     try:
-        if recipe == "reference":
-            # An epoch of the reference: as many sampled triplets as training images, in two batches.
-            triplets = sample_triplets(rows, labels, n, True, np.random.default_rng(seed))
-            keys = triplet_keys(triplets, item_seeds(seed, 0, n))
-            batches = torch.utils.data.DataLoader(
-                TripletImages(array, train_transform(size, d.mean, d.std, d.augment)),
-                batch_sampler=[keys[:n // 2], keys[n // 2:2 * (n // 2)]], num_workers=0)
-            loss, miner, name, ce_weight = sampled_triplet_loss(1.0), None, "triplet", 0.0
-            mode = "sampled"
-        else:
-            batches = our_batches(array, rows, labels, size, device, n, 1, seed)
-            loss, miner = build_loss("multi_similarity", 0.5, 512), build_miner("multi_similarity", 0.5)
-            name, ce_weight, mode = "multi_similarity", 1.0, "batch"
-        optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-4)
-        train_siamese_epoch(TrainModule(encoder, loss), batches, mode, loss, miner, name, ce_weight, None,
-                            optimizer, None, device)
+        train_siamese_epoch(step, make_batch_source(config, array, rows, labels, device).epoch(1))
     finally:
         counter.close()
     return counter.images / n
@@ -577,29 +600,17 @@ def memory_probe(cache_path: str, backbone: str, size: int, batch: int, steps: i
     """
     import gc
 
-    from .augment import BatchAugment
-    from .config import DataConfig
-    from .data.sampler import BalancedBatchSampler
+    from .batches import make_batch_source
     from .engine import train_siamese_epoch
-    from .losses import build_loss, build_miner
-    from .models import Encoder
-    from .stage1 import CacheBatches, TrainModule
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     device = torch.device("cpu")
-    d = DataConfig()
     array = np.load(cache_path, mmap_mode="r")
     labels = (np.arange(len(array)) % 4 == 0).astype(np.int64)
-    rows = np.arange(len(array))
-    encoder = Encoder(backbone, "none", 512, ce_head=True)
-    loss, miner = build_loss("multi_similarity", 0.5, 512), build_miner("multi_similarity", 0.5)
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-4)
-    source = CacheBatches(SimpleNamespace(array=array), rows, labels, BatchAugment(size, d.mean, d.std, d.augment),
-                          device, "auto", False)
-    sampler = BalancedBatchSampler(labels, batch, seed, balanced=True, epoch_images=batch * steps)
-    stats = train_siamese_epoch(TrainModule(encoder, loss), source.epoch(sampler.batches(), torch.Generator()),
-                                "batch", loss, miner, "multi_similarity", 1.0, None, optimizer, None, device)
+    config = recipe_config("ours", backbone, size, batch, seed, epoch_images=batch * steps)
+    stats = train_siamese_epoch(train_step(config, labels, device),
+                                make_batch_source(config, array, np.arange(len(array)), labels, device).epoch(1))
     gc.collect()
     return {"images": len(array), "steps": stats["steps"], **read_rss()}
 
@@ -695,39 +706,90 @@ def write_jpegs(array: np.ndarray, folder: Path, threads: int) -> list[str]:
     return paths
 
 
-def _train_parts(backbone: str, device: torch.device, channels_last: bool, recipe: str):
-    from .engine import sampled_triplet_loss
-    from .losses import build_loss, build_miner
-    from .models import Encoder
-    from .stage1 import TrainModule
+@dataclass
+class GpuRun:
+    """What the GPU measurements share: the data, and the settings train would use on this device."""
+    args: argparse.Namespace
+    device: torch.device
+    array: np.ndarray
+    labels: np.ndarray
+    sync: Callable[[], None]
 
-    encoder = Encoder(backbone, "none", 512, ce_head=recipe == "ours").to(device)
-    if channels_last:
-        encoder = encoder.to(memory_format=torch.channels_last)
-    if recipe == "ours":
-        loss, miner = build_loss("multi_similarity", 0.5, 512).to(device), build_miner("multi_similarity", 0.5)
-    else:
-        loss, miner = sampled_triplet_loss(1.0), None
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-4)
-    return TrainModule(encoder, loss), loss, miner, optimizer
+    def config(self, recipe: str, batch: int):
+        return recipe_config(recipe, self.args.backbone, self.args.size, batch, self.args.seed)
+
+    def train(self, step, batches: Iterable) -> None:
+        from .engine import train_siamese_epoch
+
+        train_siamese_epoch(step, batches)
+
+
+def _gpu_ours(g: GpuRun) -> dict:
+    """Model-only step, ours end to end, our input alone, and host waits per batch of our input."""
+    args, device, batch, warmup = g.args, g.device, g.args.gpu_batch, GPU_WARMUP
+    config = g.config("ours", batch)
+    step = train_step(config, g.labels, device)
+    precision = step.precision
+    log(f"GPU, model-only: the training step on random tensors already on the GPU, batch {batch}, "
+        f"{precision.name} ...")
+    images = precision.layout(torch.randn(batch, 3, args.size, args.size, device=device))
+    fixed = (images, torch.arange(batch, device=device) % 2)
+    steps = max(warmup + 20, min(len(g.array) // batch, warmup + 60))
+    timed = TimedBatches((fixed for _ in range(steps)), warmup, _batch_images, g.sync)
+    g.train(step, timed)
+    out = {"model_only": timed.rate, "precision": precision.name}
+    log(f"GPU, ours: one epoch of {len(g.array)} images, GPU-resident cache, batched GPU augmentation, "
+        f"{precision.name} ...")
+    source = our_source(g.array, np.arange(len(g.array)), g.labels, args.size, device, precision.channels_last,
+                        batch, args.seed)
+    out["resident"] = ("GPU-resident cache" if source.on_device is not None else "cache streamed from pinned memory")
+    step = train_step(config, g.labels, device)
+    timed = TimedBatches(our_epoch(source, g.labels, batch, len(g.array) // batch, args.seed), warmup,
+                         _batch_images, g.sync)
+    g.train(step, timed)
+    out["ours"] = timed.rate
+    del step
+    # Our input alone (gather + augment, nothing trained): is it a throughput limit or only serialised?
+    out["input_only"] = drain(TimedBatches(our_epoch(source, g.labels, batch, warmup + 40, args.seed + 1), warmup,
+                                           _batch_images, g.sync))
+    out["syncs"] = (host_syncs_per_batch(our_epoch(source, g.labels, batch, 30, args.seed + 2), 5, 20)
+                    if device.type == "cuda" else None)
+    return out
+
+
+def _gpu_reference(g: GpuRun, work: Path, workers: int) -> dict:
+    """The reference's model-only step and the reference's way end to end (JPEGs, PIL, workers, fp32)."""
+    from .data.images import sample_triplets
+
+    args, device, size, warmup = g.args, g.device, g.args.size, GPU_WARMUP
+    log("GPU, the reference's model-only step: fp32, 32 random triplets already on the GPU ...")
+    step = train_step(g.config("reference", 32), g.labels, device)
+    triplet = tuple(torch.randn(32, 3, size, size, device=device) for _ in range(3))
+    timed = TimedBatches((triplet for _ in range(warmup + 30)), warmup, _triplet_images, g.sync)
+    g.train(step, stacked_triplets(timed, device))
+    out = {"reference_model_only": timed.rate}
+    del step, triplet
+    reference_images = min(len(g.array), 4000)
+    log(f"GPU, reference's way: writing {reference_images} JPEGs, then PIL + torchvision per sample, "
+        f"{workers} DataLoader workers, 32 triplets a batch, fp32 ...")
+    paths = write_jpegs(g.array[:reference_images], work / "jpeg", max(1, workers))
+    triplet_batches = workers + warmup + args.gpu_reference_batches
+    triplets = sample_triplets(np.arange(reference_images), g.labels[:reference_images], 32 * triplet_batches, True,
+                               np.random.default_rng(args.seed))
+    step = train_step(g.config("reference", 32), g.labels, device)
+    loader = reference_loader(paths, triplets, size, 32, workers, args.seed, pin_memory=True)
+    timed = TimedBatches(loader, workers + warmup, _triplet_images, g.sync)
+    g.train(step, stacked_triplets(timed, device))
+    out.update(reference=timed.rate, jpeg_kib=mean_kib(paths))
+    return out
 
 
 def run_gpu(args: argparse.Namespace, work: Path, workers: int, device: torch.device = torch.device("cuda")
             ) -> list[Row]:
     """Training throughput on the GPU (`device` is a parameter only so the code path can be tried on a CPU)."""
-    from .config import RuntimeConfig
-    from .data.images import sample_triplets
-    from .engine import train_siamese_epoch
-    from .stage1 import precision_settings
-
     on_gpu = device.type == "cuda"
-    if on_gpu:
-        torch.backends.cudnn.benchmark = True
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     gpu_name = torch.cuda.get_device_name(device) if on_gpu else str(device)
-    dtype, use_scaler, channels_last = precision_settings(RuntimeConfig(), device)
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    n, size, batch = args.gpu_images, args.size, args.gpu_batch
+    n, size = args.gpu_images, args.size
     log(f"GPU: {gpu_name}; generating a uint8 cache of {n} {size}x{size} images on it ...")
     start = time.perf_counter()
     array = synthetic_uint8(n, size, device, args.seed)
@@ -735,69 +797,24 @@ def run_gpu(args: argparse.Namespace, work: Path, workers: int, device: torch.de
     labels = (np.random.default_rng(args.seed).random(n) < 0.25).astype(np.int64)
     rows = [Row("uint8 cache generated on the GPU", n / made, None, "images/s", None, "-", None,
                 f"{n} images at {size} px ({array.nbytes / 2**30:.1f} GiB) in {made:.1f} s, no JPEG files")]
-    precision = f"{'bf16' if dtype == torch.bfloat16 else 'fp16' if dtype == torch.float16 else 'fp32'}" \
-                f"{' + channels_last' if channels_last else ''}"
-    warmup = GPU_WARMUP
+    g = GpuRun(args, device, array, labels, torch.cuda.synchronize if on_gpu else (lambda: None))
+    m = _gpu_ours(g)
+    m.update(_gpu_reference(g, work, workers))
+    return rows + _gpu_rows(args, workers, m)
 
-    def epoch(module, loss, miner, optimizer, batches, mode, ce_weight, autocast_dtype, step_scaler):
-        name = "multi_similarity" if mode == "batch" else "triplet"
-        train_siamese_epoch(module, batches, mode, loss, miner, name, ce_weight, None, optimizer, None, device,
-                            autocast_dtype=autocast_dtype, scaler=step_scaler)
 
-    log(f"GPU, model-only: the training step on random tensors already on the GPU, batch {batch}, {precision} ...")
-    module, loss, miner, optimizer = _train_parts(args.backbone, device, channels_last, "ours")
-    images = torch.randn(batch, 3, size, size, device=device)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    fixed = (images, torch.arange(batch, device=device) % 2, np.arange(batch))
-    steps = max(warmup + 20, min(n // batch, warmup + 60))
-    timed = TimedBatches((fixed for _ in range(steps)), warmup, _batch_images, sync)
-    epoch(module, loss, miner, optimizer, timed, "batch", 1.0, dtype, scaler)
-    model_only = timed.rate
-
-    log(f"GPU, ours: one epoch of {n} images, GPU-resident cache, batched GPU augmentation, {precision} ...")
-    source = our_source(array, np.arange(n), labels, size, device, channels_last)
-    resident = "GPU-resident cache" if source.on_device is not None else "cache streamed from pinned memory"
-    module, loss, miner, optimizer = _train_parts(args.backbone, device, channels_last, "ours")
-    timed = TimedBatches(our_epoch(source, labels, batch, n // batch, args.seed), warmup, _batch_images, sync)
-    epoch(module, loss, miner, optimizer, timed, "batch", 1.0, dtype, scaler)
-    ours = timed.rate
-    del module, optimizer
-    # Our input alone (gather + augment, nothing trained): is it a throughput limit or only serialised?
-    input_only = drain(TimedBatches(our_epoch(source, labels, batch, warmup + 40, args.seed + 1), warmup,
-                                    _batch_images, sync))
-    syncs = (host_syncs_per_batch(our_epoch(source, labels, batch, 30, args.seed + 2), 5, 20) if on_gpu
-             else None)
-    del source
-
-    log("GPU, the reference's model-only step: fp32, 32 random triplets already on the GPU ...")
-    module, loss, _, optimizer = _train_parts(args.backbone, device, False, "reference")
-    triplet = tuple(torch.randn(32, 3, size, size, device=device) for _ in range(3))
-    timed = TimedBatches((triplet for _ in range(warmup + 30)), warmup, _triplet_images, sync)
-    epoch(module, loss, None, optimizer, timed, "sampled", 0.0, None, None)
-    reference_model_only = timed.rate
-    del module, optimizer, triplet
-
-    reference_images = min(n, 4000)
-    log(f"GPU, reference's way: writing {reference_images} JPEGs, then PIL + torchvision per sample, "
-        f"{workers} DataLoader workers, 32 triplets a batch, fp32 ...")
-    paths = write_jpegs(array[:reference_images], work / "jpeg", max(1, workers))
-    triplet_batches = workers + warmup + args.gpu_reference_batches
-    triplets = sample_triplets(np.arange(reference_images), labels[:reference_images], 32 * triplet_batches, True,
-                               np.random.default_rng(args.seed))
-    module, loss, _, optimizer = _train_parts(args.backbone, device, False, "reference")
-    loader = reference_loader(paths, triplets, size, 32, workers, args.seed, pin_memory=True)
-    timed = TimedBatches(loader, workers + warmup, _triplet_images, sync)
-    epoch(module, loss, None, optimizer, timed, "sampled", 0.0, None, None)
-    reference = timed.rate
-
+def _gpu_rows(args: argparse.Namespace, workers: int, m: dict) -> list[Row]:
+    ours, model_only, reference, input_only = m["ours"], m["model_only"], m["reference"], m["input_only"]
+    batch, precision, resident, syncs = args.gpu_batch, m["precision"], m["resident"], m["syncs"]
+    reference_model_only = m["reference_model_only"]
+    rows = []
     rows.append(Row("training images/s, all switches on vs model-only step", ours, model_only, "images/s",
                     ours / model_only, ">= 0.9", ours / model_only >= 0.9,
                     f"{args.backbone}, batch {batch}, {precision}, {resident}, batched GPU augmentation; "
                     "model-only: the same step (loss, miner, optimizer) on one random batch already on the GPU"))
     rows.append(Row("training images/s, ours vs the reference's way", ours, reference, "images/s",
                     ours / reference, ">= 3x", ours / reference >= 3,
-                    f"reference: {workers} workers, PIL + torchvision per sample, JPEGs of {mean_kib(paths):.0f} KiB "
+                    f"reference: {workers} workers, PIL + torchvision per sample, JPEGs of {m['jpeg_kib']:.0f} KiB "
                     f"on average, fp32, 3 passes per triplet; distinct training images per second: ours {ours:,.0f}, "
                     f"reference {reference / 3:,.0f}"))
     rows.append(Row("our input alone (gather + augment on the GPU)", input_only, ours, "images/s",

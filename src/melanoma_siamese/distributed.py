@@ -1,8 +1,10 @@
 """DDP under torchrun: which process this is, and collectives that are no-ops in a single process."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -45,11 +47,16 @@ def all_gather_objects(obj, d: Dist) -> list:
     return out
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
-        dist.barrier()
-
-
 def shutdown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device_name: str) -> Iterator[Dist]:
+    """The process group torchrun describes, ended on every way out (success, error, interrupt)."""
+    d = init_from_env(device_name)
+    try:
+        yield d
+    finally:
+        shutdown(d)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -11,22 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .losses import count_mined
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA GPU (torch.cuda.is_available() "
-                           "is False); use --device cpu or install a CUDA build of torch")
-    return torch.device(name)
-
-
-def balanced_class_weights(labels: np.ndarray) -> torch.Tensor:
-    """Inverse-frequency weights for a two-class cross-entropy (n / (2 n_c)), as scikit-learn's 'balanced'."""
-    counts = np.bincount(np.asarray(labels), minlength=2).astype(float)
-    return torch.tensor(len(labels) / (2 * np.maximum(counts, 1)), dtype=torch.float32)
+from .errors import Interrupted  # noqa: F401  (re-exported)
+from .objective import Loss, Objective, balanced_class_weights  # noqa: F401  (balanced_class_weights re-exported)
+from .preprocess import to_model_input
+from .runtime import Precision, StopFlag, resolve_device  # noqa: F401  (re-exported)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -55,9 +43,8 @@ def embed(encoder: nn.Module, array: np.ndarray, rows: np.ndarray, mean: float, 
     encoder.eval()
     out = []
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress, leave=False):
-        pixels = torch.from_numpy(np.asarray(array[rows[start:start + batch_size]]))
-        images = pixels.permute(0, 3, 1, 2).to(device, non_blocking=True).float().div_(255)
-        images = (images - mean) / std
+        images = to_model_input(torch.from_numpy(np.asarray(array[rows[start:start + batch_size]])), mean, std,
+                                device)
         if tta:
             e = torch.stack([encoder(v) for v in _dihedral(images)]).mean(0)
             e = F.normalize(e, dim=1)
@@ -67,128 +54,67 @@ def embed(encoder: nn.Module, array: np.ndarray, rows: np.ndarray, mean: float, 
     return torch.cat(out).numpy() if out else np.zeros((0, 1), dtype=np.float32)
 
 
-def sampled_triplet_loss(margin: float) -> nn.Module:
-    # The reference: torch's TripletMarginLoss (mean over all triplets) on anchor/positive/negative batches.
-    return nn.TripletMarginLoss(margin=margin)
+@dataclass
+class TrainStep:
+    """What one optimisation step needs: the (possibly DDP-wrapped) module returning (embeddings, CE
+    logits or None), the objective, the optimizer and its schedule, and the run's precision."""
+    model: nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+    distributed: bool = False
+
+    def __call__(self, images: torch.Tensor, labels: Optional[torch.Tensor]) -> tuple[Loss, bool]:
+        """One step on one batch; returns the loss and whether a step was taken."""
+        with self.precision.autocast():
+            emb, logits = self.model(images)
+            loss = self.objective(emb.float(), logits, labels)
+        value = loss.value
+        # A finiteness check reads the loss back to the host; on a GPU that stalls every step, so it is
+        # only done on the CPU (on a GPU a non-finite loss shows in the epoch's mean).
+        if value is None or (value.device.type == "cpu" and not torch.isfinite(value)):
+            if not self.distributed:
+                return loss, False
+            # Under DDP every rank must run backward, or the gradient all-reduce waits forever.
+            value = emb.sum() * 0.0
+        self.precision.step(value, self.optimizer)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return loss, loss.value is not None
 
 
-from .errors import Interrupted  # noqa: F401  (re-exported)
-
-
-def train_siamese_epoch(
-    model: nn.Module,
-    batches: Iterable,
-    mode: str,
-    metric_loss: Optional[nn.Module],
-    miner: Optional[nn.Module],
-    loss_name: str,
-    ce_weight: float,
-    ce_class_weight: Optional[torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler],
-    device: torch.device,
-    image_budget: Optional[int] = None,
-    progress: bool = False,
-    desc: str = "[Siamese] train",
-    autocast_dtype: Optional[torch.dtype] = None,
-    scaler: Optional[torch.amp.GradScaler] = None,
-    on_batch: Optional[Callable[[int], None]] = None,
-    stop: Optional[dict] = None,
-    distributed: bool = False,
-) -> dict:
-    """One pass over `batches`; stops early once `image_budget` backbone passes are spent.
-
-    `model(images)` returns (embeddings, CE logits or None). mode 'sampled': batches are (anchor,
-    positive, negative) image tensors, three passes per triplet. Otherwise batches are (images, labels,
-    rows): each image embedded once, pairs/triplets mined in-batch.
-    """
-    model.train()
+def train_siamese_epoch(step: TrainStep, batches: Iterable, image_budget: Optional[int] = None,
+                        on_batch: Optional[Callable[[int], None]] = None, stop: Optional[StopFlag] = None,
+                        progress: Optional[str] = None) -> dict:
+    """One pass over `batches` of (images, labels or None); stops once `image_budget` backbone passes
+    are spent. `on_batch(index)` runs before each batch; `progress` is a progress bar's title."""
+    step.model.train()
+    device = step.precision.device
     total, count, images_seen, mined, empty = 0.0, 0, 0, 0, 0
-    bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
-    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
-    for index, batch in enumerate(bar):
+    bar = tqdm(batches, desc=progress, disable=progress is None, leave=False)
+    for index, (images, labels) in enumerate(bar):
         if image_budget is not None and images_seen >= image_budget:
             break
         if on_batch is not None:
             on_batch(index)
-        if stop is not None and stop.get("signal"):
-            raise Interrupted(stop["signal"])
-        with autocast():
-            if mode == "sampled":
-                anchor, positive, negative = (t.to(device, non_blocking=True) for t in batch)
-                n = len(anchor)
-                emb, _ = model(torch.cat([anchor, positive, negative]))
-                emb = emb.float()
-                loss = metric_loss(emb[:n], emb[n:2 * n], emb[2 * n:])
-                images_seen += 3 * n
-                mined_now = n
-            else:
-                images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-                emb, logits = model(images)
-                emb = emb.float()
-                images_seen += len(images)
-                loss = emb.new_zeros(())
-                mined_now = len(labels)
-                if metric_loss is not None:
-                    indices = miner(emb, labels) if miner is not None else None
-                    mined_now = count_mined(loss_name, indices, labels)
-                    if mined_now:
-                        loss = loss + (metric_loss(emb, labels, indices) if indices is not None
-                                       else metric_loss(emb, labels))
-                if ce_weight > 0:
-                    loss = loss + ce_weight * F.cross_entropy(logits.float(), labels, weight=ce_class_weight)
-        mined += mined_now
-        # A finiteness check reads the loss back to the host; on a GPU that stalls every step, so it is
-        # only done on the CPU (on a GPU a non-finite loss shows in the epoch's mean).
-        if not loss.requires_grad or (device.type == "cpu" and not torch.isfinite(loss)):
-            # No pair/triplet in this batch (rare class absent or nothing violates the margin): no step.
+        if stop is not None:
+            stop.check()
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True) if labels is not None else None
+        loss, stepped = step(images, labels)
+        images_seen += len(images)
+        mined += loss.mined
+        if not stepped:
             empty += 1
-            if not distributed:
+            if not step.distributed:
                 continue
-            # Under DDP every rank must run backward, or the gradient all-reduce waits forever.
-            loss = emb.sum() * 0.0
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        total = total + loss.detach()  # kept on the device: no host sync per step
+        total = total + (loss.logged if loss.logged is not None else 0.0)  # on the device: no host sync per step
         count += 1
-        if progress and count % 20 == 0:
+        if progress is not None and count % 20 == 0:
             bar.set_postfix(loss=f"{float(total) / count:.4f}")
     return {"train_loss": float(total) / count if count else float("nan"), "images": images_seen,
             "mined": mined, "empty_batches": empty, "steps": count}
-
-
-@torch.no_grad()
-def embedding_loss(emb: torch.Tensor, labels: torch.Tensor, mode: str, metric_loss: Optional[nn.Module],
-                   miner: Optional[nn.Module], encoder_head: Optional[nn.Module], ce_weight: float,
-                   batch_size: int, seed: int, balanced: bool) -> float:
-    """Validation loss on precomputed embeddings, over fixed seeded batches (or triplets)."""
-    from .data.images import sample_triplets
-    from .data.sampler import BalancedBatchSampler
-
-    rng = np.random.default_rng(seed)
-    y = labels.cpu().numpy()
-    if mode == "sampled":
-        trip = torch.as_tensor(sample_triplets(np.arange(len(y)), y, max(len(y), 64), balanced, rng))
-        return float(metric_loss(emb[trip[:, 0]], emb[trip[:, 1]], emb[trip[:, 2]]))
-    sampler = BalancedBatchSampler(y, batch_size, seed, balanced=balanced and len(np.unique(y)) == 2)
-    losses = []
-    for idx in sampler:
-        e, lab = emb[idx], labels[idx]
-        loss = e.new_zeros(())
-        if metric_loss is not None:
-            loss = loss + metric_loss(e, lab, miner(e, lab)) if miner is not None else loss + metric_loss(e, lab)
-        if ce_weight > 0 and encoder_head is not None:
-            loss = loss + ce_weight * F.cross_entropy(encoder_head(e), lab)
-        losses.append(float(loss))
-    return float(np.mean(losses)) if losses else float("nan")
 
 
 def train_classifier_epoch(model: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor,

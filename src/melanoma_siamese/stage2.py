@@ -8,7 +8,8 @@ import torch
 
 from .config import Config
 from .data.prepare import Prepared
-from .engine import balanced_class_weights, embed, evaluate_classifier, train_classifier_epoch
+from .engine import embed, evaluate_classifier, train_classifier_epoch
+from .objective import balanced_class_weights
 from .models import Classifier, Encoder
 from .rng import seed_everything
 

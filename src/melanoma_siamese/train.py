@@ -5,7 +5,6 @@ import json
 import platform
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -15,17 +14,21 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from . import plots
-from .checkpoint import load_model, load_training_state, save_model
+from .checkpoint import load_model, save_model
 from .config import Config, dump_yaml
 from .data.images import to_chw, train_transform
 from .data.prepare import Prepared, apply_saved_split, assign_split, load_and_validate, write_split
-from .distributed import init_from_env, shutdown
-from .engine import embed, resolve_device
+from .distributed import Dist, process_group
+from .engine import embed
+from .hooks import Hooks, hooks_from_env
 from .metrics import knn_probabilities
 from .models import Encoder
 from .rng import seed_everything
-from .stage1 import label_of_rows, validation_reference, train_siamese
+from .runfolder import RunFolder, write_text_atomic
+from .runtime import resolve_device
+from .stage1 import label_of_rows, train_siamese, validation_reference
 from .stage2 import train_classifier
+from .train_state import read_state
 
 Log = Callable[[str], None]
 
@@ -107,25 +110,13 @@ def input_sample(config: Config, prepared: Prepared, path: Path) -> None:
     plots.image_grid(np.stack(images), titles, path, f"Augmented training input ({d.image_size} px)")
 
 
-def run_train(config: Config, source: DataSource, run_dir: Path, stage: str = "all", log: Log = print,
-              resume: bool = False) -> dict:
-    """Validate data, split, train the requested stage(s), evaluate; return the metrics.
-
-    Under torchrun every rank validates and splits alike (so the split is the single-process one),
-    trains its share of each batch, and only rank 0 writes files, prints and runs stage 2.
-    """
-    from .evaluate import evaluate_run
-
-    d = init_from_env(config.runtime.device)
-    if not d.main:
-        log = lambda line: None  # noqa: E731
-    run_dir = Path(run_dir)
+def _prepare(config: Config, source: DataSource, run: RunFolder, stage: str, resume: bool, d: Dist, log: Log
+             ) -> tuple[Prepared, torch.device]:
+    """Read and validate the data, split it (or reapply the run's split), and write the run's description.
+    Every rank splits alike (so the split is the single-process one); only rank 0 writes."""
     prepared = load_source(config, source, config.runtime.progress and d.main, log)
-    split_file = run_dir / "split.csv"
-    state_file = run_dir / "state" / "siamese_last.pth"
-    resume_state = load_training_state(state_file) if resume else None
-    if (stage == "classifier" or resume) and split_file.is_file():
-        apply_saved_split(prepared, split_file)
+    if (stage == "classifier" or resume) and run.split.is_file():
+        apply_saved_split(prepared, run.split)
     else:
         split_seed = config.data.split_seed if config.data.split_seed is not None else config.runtime.seed
         assign_split(prepared, config.data.val_fraction, config.data.test_fraction, split_seed,
@@ -134,50 +125,69 @@ def run_train(config: Config, source: DataSource, run_dir: Path, stage: str = "a
     if d.enabled and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
     log(f"Device: {device}" + (f" (rank 0 of {d.world_size} processes)" if d.enabled else ""))
-    if d.main:
-        (run_dir / "models").mkdir(parents=True, exist_ok=True)
-        (run_dir / "images").mkdir(exist_ok=True)
-        if len(prepared.skipped):
-            prepared.skipped.to_csv(run_dir / "skipped_images.csv", index=False)
-            log(f"Skipped {len(prepared.skipped)} bad image(s); their ids and reasons: "
-                f"{run_dir / 'skipped_images.csv'}")
-        write_split(prepared, split_file)
-        (run_dir / "config.yaml").write_text(dump_yaml(config))
     info = run_info(config, device, source, prepared)
     info["world_size"] = d.world_size
+    if d.main:
+        run.make()
+        if len(prepared.skipped):
+            prepared.skipped.to_csv(run.skipped_images, index=False)
+            log(f"Skipped {len(prepared.skipped)} bad image(s); their ids and reasons: {run.skipped_images}")
+        write_split(prepared, run.split)
+        write_text_atomic(run.config, dump_yaml(config))
     parts = ", ".join(f"{k} {v['images']} ({v['melanoma']} melanoma)" for k, v in info["parts"].items())
     log(f"Data: {prepared.dataset.layout} layout, {len(prepared.table)} images; split by patient: {parts}")
     if d.main:
-        (run_dir / "run.json").write_text(json.dumps(info, indent=2))
-        input_sample(config, prepared, run_dir / "images" / "input_sample.png")
+        run.write_json(run.run_json, info)
+        input_sample(config, prepared, run.image("input_sample.png"))
+    return prepared, device
 
-    if stage in ("all", "siamese"):
-        start = time.time()
-        try:
-            encoder, history = train_siamese(config, prepared, device, run_dir, log, resume_state, d)
-        finally:
-            if not d.main:
-                shutdown(d)
+
+def _report_stage1(config: Config, prepared: Prepared, device: torch.device, run: RunFolder,
+                   history: list[dict]) -> dict:
+    """History, plots and the untrained-encoder baseline of stage 1 (rank 0)."""
+    write_history(history, run.history("siamese"))
+    plots.loss_curves(history[1:], run.image("siamese_loss.png"), "Stage 1: Siamese encoder")
+    plots.validation_metrics(history, ("knn_auc", "precision_at_1", "map_at_r", "same_class_similarity",
+                                       "other_class_similarity"), run.image("val_metrics.png"))
+    baseline = {"untrained_encoder_test_knn_auc": untrained_test_knn_auc(config, prepared, device),
+                "siamese_seconds": history[-1].get("seconds", 0.0),
+                "backbone_image_passes": history[-1]["images_seen"]}
+    run.write_json(run.baseline, baseline)
+    return baseline
+
+
+def run_train(config: Config, source: DataSource, run_dir: Path, stage: str = "all", log: Log = print,
+              resume: bool = False, hooks: Optional[Hooks] = None) -> dict:
+    """Validate data, split, train the requested stage(s), evaluate; return the metrics.
+
+    Under torchrun every rank trains its share of each stage-1 batch; the process group ends on every
+    way out of stage 1, and only rank 0 writes files, prints, and runs stage 2 and the evaluation.
+    `hooks` (fault injection, tracing) default to those the environment asks for (hooks.hooks_from_env).
+    """
+    from .evaluate import evaluate_run
+
+    run = RunFolder(run_dir)
+    hooks = hooks if hooks is not None else hooks_from_env()
+    encoder, history = None, None
+    with process_group(config.runtime.device) as d:
         if not d.main:
-            return {}
-        shutdown(d)
-        write_history(history, run_dir / "history_siamese.jsonl")
-        plots.loss_curves(history[1:], run_dir / "images" / "siamese_loss.png", "Stage 1: Siamese encoder")
-        plots.validation_metrics(history, ("knn_auc", "precision_at_1", "map_at_r", "same_class_similarity",
-                                           "other_class_similarity"), run_dir / "images" / "val_metrics.png")
-        seconds = history[-1].get("seconds", time.time() - start)
-        baseline = {"untrained_encoder_test_knn_auc": untrained_test_knn_auc(config, prepared, device),
-                    "siamese_seconds": seconds, "backbone_image_passes": history[-1]["images_seen"]}
-        (run_dir / "baseline.json").write_text(json.dumps(baseline, indent=2))
+            log = lambda line: None  # noqa: E731
+        prepared, device = _prepare(config, source, run, stage, resume, d, log)
+        if stage in ("all", "siamese"):
+            resume_state = read_state(run) if resume else None
+            encoder, history = train_siamese(config, prepared, device, run, log, resume_state, d, hooks)
+    if not d.main:
+        return {}
+    if encoder is None:
+        encoder, _ = load_model(run.siamese, "siamese")
+        encoder.to(device)
+    else:
+        baseline = _report_stage1(config, prepared, device, run, history)
         if stage == "siamese":
             return {"baseline": baseline}
-    else:
-        encoder, _ = load_model(run_dir / "models" / "siamese.pth", "siamese")
-        encoder.to(device)
     classifier, cls_history = train_classifier(config, encoder, prepared, device, log)
-    save_model(classifier, run_dir / "models" / "classifier.pth", kind_detail=config.classifier.kind)
-    write_history(cls_history, run_dir / "history_classifier.jsonl")
+    save_model(classifier, run.classifier, kind_detail=config.classifier.kind)
+    write_history(cls_history, run.history("classifier"))
     if cls_history:
-        plots.loss_curves(cls_history, run_dir / "images" / "classifier_loss.png", "Stage 2: classifier",
-                          extra=("val_acc",))
-    return evaluate_run(run_dir, config, prepared, device, log)
+        plots.loss_curves(cls_history, run.image("classifier_loss.png"), "Stage 2: classifier", extra=("val_acc",))
+    return evaluate_run(run.root, config, prepared, device, log)
