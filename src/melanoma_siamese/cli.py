@@ -17,6 +17,7 @@ from typing import Collection, Optional, Sequence
 
 from .config import Config
 from .errors import CheckpointError, ConfigError, DataError, Interrupted, WeightsError
+# PACKAGED_CONFIGS is re-exported: callers and tests have long imported it, with config_path, from here.
 from .options import PACKAGED_CONFIGS, add_common, add_data, config_path, overrides_of, resolve_config  # noqa: F401
 from .runfolder import RunFolder
 
