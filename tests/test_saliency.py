@@ -53,7 +53,8 @@ def test_maps_and_overlays_of_a_loaded_run(resnet):
     maps, stage = saliency_maps(run, pixels)
     assert maps.shape == (2, 64, 64) and stage.name == "layer2"
     assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
-    overlays, stage = saliency_with_stage(run, pixels)
+    overlays, stage, evidence = saliency_with_stage(run, pixels)
     assert overlays[0].shape == (64, 64, 3) and overlays[0].dtype == np.uint8
+    assert evidence == [bool(m.max() > 0) for m in maps]
     assert np.array_equal(saliency_overlays(run, pixels)[1], overlays[1])
     assert resnet[0].training is False

@@ -10,7 +10,7 @@ state the resolution. Where no stage is that fine (images under 32 px), the fine
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -137,10 +137,19 @@ def saliency_maps(run, pixels: np.ndarray, stage_name: Optional[str] = None) -> 
     return gradcam_maps(run.encoder, run.classifier, images, layer), stage
 
 
-def saliency_with_stage(run, pixels: np.ndarray) -> tuple[list[np.ndarray], SaliencyStage]:
-    """Overlays (H x W x 3 uint8) for N x S x S x 3 uint8 images, and the stage, for a caption."""
+class Saliency(NamedTuple):
+    overlays: list[np.ndarray]  # H x W x 3 uint8 per image
+    stage: SaliencyStage
+    # Per image: False where the map is zero everywhere, i.e. no region raised the melanoma score at this
+    # stage (Grad-CAM keeps positive evidence only); a caption should then say so, not show a blank map.
+    evidence: list[bool]
+
+
+def saliency_with_stage(run, pixels: np.ndarray) -> Saliency:
+    """Overlays for N x S x S x 3 uint8 images, the stage (for a caption), and which maps show anything."""
     maps, stage = saliency_maps(run, pixels)
-    return [overlay(p, m) for p, m in zip(pixels, maps)], stage
+    return Saliency([overlay(p, m) for p, m in zip(pixels, maps)], stage,
+                    [bool(m.max() > 0) for m in maps])
 
 
 def saliency_overlays(run, pixels: np.ndarray) -> list[np.ndarray]:
