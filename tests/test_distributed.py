@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import set_args
+from helpers import set_args
 
 ARGS = set_args() + ["--set", "siamese.epochs=2", "--set", "siamese.batch_size=16", "--seed", "0"]
 
@@ -45,3 +45,85 @@ def test_two_process_gloo_run(tiny_data, tmp_path):
     assert set(r0["rows"]) | set(r1["rows"]) <= train_rows
     metrics = json.loads((ddp / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["roc_auc"] <= 1.0 and metrics["test"]["n"] > 0
+
+
+# ----------------------------------------------- mining across ranks: the global batch, not each share
+
+RECIPES = [("multi_similarity", "multi_similarity"), ("triplet", "semihard"), ("contrastive", "all"),
+           ("supcon", "all"), ("triplet", "batch_hard")]
+
+
+def _batch():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(16, 8, generator=g), dim=1)
+    labels = torch.tensor([0, 1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1])
+    return emb, labels
+
+
+def _objective(loss_name, mining, world_size):
+    from melanoma_siamese.losses import build_loss, build_miner
+    from melanoma_siamese.objective import Objective
+
+    return Objective(loss_name, build_loss(loss_name, 0.2, 8), build_miner(mining, 0.2), world_size=world_size)
+
+
+def _loss_and_grad(objective, emb, labels):
+    emb = emb.clone().requires_grad_(True)
+    loss = objective(emb, None, labels)
+    loss.value.backward()
+    return float(loss.logged), loss.mined, emb.grad
+
+
+def _rank(rank, world, port, out):
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        emb, labels = _batch()
+        share = slice(rank * 8, rank * 8 + 8)  # each rank holds half of the batch, as DDP gives it
+        results = [_loss_and_grad(_objective(loss, mining, world), emb[share], labels[share])
+                   for loss, mining in RECIPES]
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_mine_the_global_batch(tmp_path):
+    """The loss on two gloo ranks, each holding half of a batch, equals one process's loss on the whole
+    batch, mined pairs/triplets and gradients included (DDP averages the ranks' gradients)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    emb, labels = _batch()
+    whole = [_loss_and_grad(_objective(loss, mining, 1), emb, labels) for loss, mining in RECIPES]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for i, (loss_name, mining) in enumerate(RECIPES):
+        value, mined, grad = whole[i]
+        assert mined > 0, (loss_name, mining)
+        for rank, results in enumerate(ranks):
+            r_value, r_mined, r_grad = results[i]
+            assert r_value == pytest.approx(value, rel=1e-5), (loss_name, mining, rank)
+            assert r_mined == mined, (loss_name, mining, rank)
+            # Each rank's loss is scaled by the world size so that DDP's mean of gradients is the whole batch's.
+            assert torch.allclose(r_grad / 2, grad[rank * 8:rank * 8 + 8], atol=1e-6), (loss_name, mining, rank)
+
+
+def test_a_share_alone_is_not_the_global_batch():
+    """Without the wrappers a rank's half batch gives another loss: what the test above guards against."""
+    emb, labels = _batch()
+    value, _, _ = _loss_and_grad(_objective("multi_similarity", "multi_similarity", 1), emb, labels)
+    half, _, _ = _loss_and_grad(_objective("multi_similarity", "multi_similarity", 1), emb[:8], labels[:8])
+    assert half != pytest.approx(value, rel=1e-3)

@@ -368,12 +368,6 @@ def our_epoch(source, labels: np.ndarray, batch: int, count: int, seed: int):
     return ((images, y) for images, y, _ in source.batches(sampler.batches(), torch.Generator().manual_seed(seed)))
 
 
-def our_batches(array: np.ndarray, rows: np.ndarray, labels: np.ndarray, size: int, device: torch.device,
-                batch: int, count: int, seed: int, channels_last: bool = False):
-    return our_epoch(our_source(array, rows, labels, size, device, channels_last, batch, seed), labels, batch, count,
-                     seed)
-
-
 def stacked_triplets(batches: Iterable, device: torch.device):
     """(anchors, positives, negatives) batches as the training loop takes them: stacked, on `device`."""
     for batch in batches:
@@ -482,8 +476,8 @@ def input_pipelines(data: Data, args: argparse.Namespace, device: torch.device, 
     reference = drain(TimedBatches(loader, warmup=max(1, workers), count=_triplet_images))
     log(f"input pipeline, ours: memmap cache + batched augmentation, batches of {batch}, "
         f"{_count(threads, 'thread')} ...")
-    batches = our_batches(data.array, all_rows, data.labels, args.size, device, batch,
-                          1 + math.ceil(args.pipeline_images / batch), args.seed)
+    source = our_source(data.array, all_rows, data.labels, args.size, device, batch=batch, seed=args.seed)
+    batches = our_epoch(source, data.labels, batch, 1 + math.ceil(args.pipeline_images / batch), args.seed)
     ours = drain(TimedBatches(batches, warmup=1, count=_batch_images))
     return Row("input pipeline, images/s delivered to the model", ours, reference, "images/s", ours / reference,
                ">= 3x", ours / reference >= 3,

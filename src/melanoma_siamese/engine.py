@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import Interrupted  # noqa: F401  (re-exported)
-from .objective import Loss, Objective, balanced_class_weights  # noqa: F401  (balanced_class_weights re-exported)
+from .objective import Loss, Objective
 from .preprocess import to_model_input
-from .runtime import Precision, StopFlag, resolve_device  # noqa: F401  (re-exported)
+from .runtime import Precision, StopFlag
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:

@@ -25,6 +25,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def fix_threads(threads: Optional[int] = None) -> int:
+    """Fix the intra-op thread count for the run (default: torch's current one) and return it.
+
+    CPU kernels split their sums by thread, so the count decides the bits of every result. Setting it
+    through torch also turns MKL's dynamic threading off (torch.set_num_threads calls
+    mkl_set_dynamic(0)); left on, as it is by default, MKL may run a matrix product on fewer threads
+    than asked in one process than in another, and a resumed run would not repeat the uninterrupted one.
+    """
+    threads = int(threads or torch.get_num_threads())
+    torch.set_num_threads(threads)
+    return threads
+
+
 def set_backend_flags(device: torch.device) -> None:
     """Backend switches of training (and so of `bench`). cuDNN autotuning picks the fastest convolution
     for the fixed input size of a run; on a CPU there is nothing to set."""

@@ -31,7 +31,7 @@ from .objective import Objective, make_objective
 from .optim import encoder_optimizer
 from .rng import seed_everything
 from .runfolder import RunFolder
-from .runtime import StopFlag, precision_for, set_backend_flags, stop_on_signals
+from .runtime import StopFlag, fix_threads, precision_for, set_backend_flags, stop_on_signals
 from .train_state import Progress, Trainables, load_best, restore_state, save_best, save_state
 
 Log = Callable[[str], None]
@@ -232,8 +232,10 @@ def train_siamese(config: Config, prepared: Prepared, device: torch.device, run_
     """Train (or continue, from a state read by train_state.read_state) stage 1; returns the encoder
     with the best epoch's weights (on rank 0) and the history."""
     run = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
+    threads = fix_threads(resume.get("threads") if resume is not None else None)
     st = build_stage1(config, prepared, device, run, d)
     progress = _start(st, resume, log)
+    progress.threads = threads
     progress.started = time.time() - progress.seconds
     with stop_on_signals() as stop:
         for epoch in range(progress.epoch + 1, st.plan.max_epochs + 1):

@@ -28,6 +28,7 @@ class Progress:
     best_epoch: int = 0
     waited: int = 0
     started: float = 0.0  # time.time() at which training would have started, had it never stopped
+    threads: int = 0  # intra-op threads of the run (runtime.fix_threads): a resumed run uses the same
 
     def improves(self, value: float, lower_is_better: bool) -> bool:
         return self.best_value is None or (value < self.best_value if lower_is_better else value > self.best_value)
@@ -61,7 +62,7 @@ def save_state(run: RunFolder, progress: Progress, parts: Trainables) -> None:
                  "optimizer": parts.optimizer.state_dict(),
                  "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else {},
                  "scaler": parts.scaler.state_dict(), "history": progress.history, "best": best,
-                 "images_seen": progress.images_seen, "rng": rng_state()}, run.state("siamese"))
+                 "images_seen": progress.images_seen, "threads": progress.threads, "rng": rng_state()}, run.state("siamese"))
 
 
 def read_state(run: RunFolder) -> dict:
@@ -86,7 +87,7 @@ def restore_state(state: dict, parts: Trainables) -> Progress:
     best = state["best"]
     return Progress(history=state["history"], images_seen=state["images_seen"], epoch=state["epoch"],
                     done=state.get("done", False), best_value=best["value"], best_epoch=best["epoch"],
-                    waited=best["waited"])
+                    waited=best["waited"], threads=state.get("threads", 0))
 
 
 def save_best(run: RunFolder, encoder: torch.nn.Module, progress: Progress, monitor: str) -> None:
