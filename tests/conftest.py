@@ -7,9 +7,6 @@ import pytest
 
 from melanoma_siamese.data.synth import make_synthetic_dataset
 
-# Re-exported until every test imports these from helpers (test_distributed and test_resume still use conftest).
-from helpers import HAM, TINY, kaggle_dataset, set_args, write_image  # noqa: F401
-
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
