@@ -106,3 +106,23 @@ def test_real_sample_images_pass():
     for path in files:
         with Image.open(path) as image:
             assert familiarity.image_problems(image, min_side=64, min_std=2.0) == [], path
+
+
+def test_appearance_features_are_histograms_that_tell_photos_from_flat_cartoons():
+    rng = np.random.default_rng(6)
+    photos = np.clip(rng.normal(150, 30, (40, 32, 32, 3)), 0, 255).astype(np.uint8)
+    cartoons = np.zeros((10, 32, 32, 3), dtype=np.uint8)
+    cartoons[:, :, :] = (230, 160, 200)
+    cartoons[:, 8:24, 8:24] = (80, 40, 120)
+    features = familiarity.appearance_features(np.concatenate([photos, cartoons]))
+    assert features.shape == (50, 72)
+    colour, edges = features[:, :64] ** 2, features[:, 64:] ** 2
+    assert np.allclose(colour.sum(1), 1, atol=1e-5) and np.allclose(edges.sum(1), 1, atol=1e-5)
+    model = familiarity.fit(features[:30], features[30:40], k=5, quantile=0.9)
+    assert model.assess(features[40:])["unfamiliar"].all()
+
+
+def test_appearance_features_do_not_depend_on_the_chunk():
+    pixels = np.random.default_rng(7).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
+    assert np.array_equal(familiarity.appearance_features(pixels, chunk=3), familiarity.appearance_features(pixels))
+    assert familiarity.appearance_features(pixels[:0]).shape == (0, 72)
