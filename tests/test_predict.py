@@ -38,10 +38,15 @@ def test_cli_probability_and_knn_vote_equal_the_runs_evaluation(run_dir, tiny_da
     rows = pd.read_csv(out).sort_values("path").reset_index(drop=True)
     expected = test.sort_values("isic_id").reset_index(drop=True)
     assert len(rows) == 6 and (rows["status"] == "ok").all()
-    assert np.allclose(rows["probability"], expected["prob_melanoma"], atol=1e-5)
+    # The raw score equals evaluation's, and so does the calibrated probability shown at the same prevalence.
+    assert np.allclose(rows["score"], expected["prob_melanoma"], atol=1e-5)
+    assert np.allclose(rows["probability"], expected["probability"], atol=1e-5)
     assert np.allclose(rows["knn_probability"], expected["knn_prob_melanoma"], atol=1e-5)
     threshold = json.loads(RunFolder(run_dir).thresholds.read_text())["classifier"]
-    assert ((rows["probability"] >= threshold) == (rows["decision"] == "melanoma")).all()
+    assert ((rows["score"] >= threshold) == (rows["decision"] == "melanoma")).all()
+    # The threshold shown is on the probability's scale: no probability above it beside "not melanoma".
+    assert ((rows["probability"] >= rows["threshold"]) == (rows["decision"] == "melanoma")).all()
+    assert (rows["score_threshold"] == threshold).all()
     assert {"neighbour_3_id", "neighbour_3_label", "neighbour_3_distance"} <= set(rows.columns)
     assert "neighbour_4_id" not in rows.columns
     printed = capsys.readouterr().out

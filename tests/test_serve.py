@@ -76,7 +76,8 @@ def test_predict_answers_as_the_cli_does_with_thumbnails_and_saliency(client, ru
 def test_page_is_served_with_the_research_note(client):
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    assert "not a diagnosis" in page.text and "class balance" in page.text
+    assert "not a diagnosis" in page.text and "calibrated on validation images" in page.text
+    assert "unlike every image the model was trained on" in page.text
 
 
 @pytest.mark.parametrize("name, data, status", [
@@ -250,33 +251,94 @@ def _chromium() -> str:
     return found
 
 
+def _percent_pair(p: float, t: float) -> tuple[str, str]:
+    """The page's own formatting of a probability beside its threshold (index.html, percentPair())."""
+    for digits in range(5):
+        a, b = f"{100 * p:.{digits}f}", f"{100 * t:.{digits}f}"
+        if a != b or p == t:
+            return a + "%", b + "%"
+    return f"{100 * p:.4f}%", f"{100 * t:.4f}%"
+
+
+def _percent(p: float) -> str:
+    """The page's formatting of a lone share (index.html, percent())."""
+    v = 100 * p
+    return (f"{v:.0f}" if v >= 10 else f"{v:.1f}" if v >= 1 else f"{v:.2f}") + "%"
+
+
+def _noise_png(tmp_path, side: int = 64):
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _upload_in_page(page, path, done_count: int) -> None:
+    page.set_input_files("#file", str(path))
+    page.wait_for_function(f"window.answers >= {done_count}", timeout=60_000)
+
+
 @pytest.mark.slow
 def test_browser_uploads_an_image_and_sees_the_apis_answer(app, tiny_data, tmp_path):
     chromium = _chromium()
     from playwright.sync_api import sync_playwright
 
-    image = image_files(tiny_data)[3]
+    image, noise = image_files(tiny_data)[3], _noise_png(tmp_path)
     with uvicorn_thread(app) as base, sync_playwright() as playwright:
-        expected = upload(httpx.Client(base_url=base, timeout=60), image.read_bytes()).json()
+        with httpx.Client(base_url=base, timeout=60) as http:
+            expected = upload(http, image.read_bytes()).json()
+            expected_noise = upload(http, noise.read_bytes(), "noise.png").json()
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto(base + "/")
+            page.evaluate("window.answers = 0; new MutationObserver(() => { if (document.body.dataset.state) "
+                          "window.answers++; }).observe(document.body, {attributes: true, attributeFilter: "
+                          "['data-state']})")
             assert "not a diagnosis" in page.inner_text("#note")
-            page.set_input_files("#file", str(image))
-            page.wait_for_selector("body[data-state=done]", timeout=60_000)
+            assert "MB" in page.inner_text("#limit")
+            _upload_in_page(page, image, 1)
             page.wait_for_function("[...document.querySelectorAll('#similar img')].every(i => i.complete)",
                                    timeout=30_000)
             shown = page.inner_text("#probability")
             raw = float(page.get_attribute("#probability", "data-probability"))
+            threshold = page.inner_text("#threshold")
+            assumed = page.inner_text("#assumed")
             loaded = page.eval_on_selector_all("#similar img", "imgs => imgs.map(i => i.naturalWidth)")
             captions = page.eval_on_selector_all("#similar figcaption", "fs => fs.map(f => f.textContent)")
             saliency = page.eval_on_selector("#saliency", "i => i.complete && i.naturalWidth")
+            caption = page.inner_text("#saliency-caption")
+            familiar_hidden = page.is_hidden("#unfamiliar")
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            _upload_in_page(page, image, 2)  # the same file chosen again is scored again
+            _upload_in_page(page, noise, 3)
+            noise_warning = page.is_visible("#unfamiliar") and page.inner_text("#unfamiliar")
+            page.screenshot(path=str(tmp_path / "unfamiliar.png"), full_page=True)
+            phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+            phone.goto(base + "/")
+            phone.set_input_files("#file", str(image))
+            phone.wait_for_selector("body[data-state=done]", timeout=60_000)
+            answer_top = phone.eval_on_selector("#result", "e => e.getBoundingClientRect().top")
+            image_top = phone.eval_on_selector("#preview", "e => e.getBoundingClientRect().top")
+            phone.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
         finally:
             browser.close()
-    assert raw == expected["probability"] and shown == f"{expected['probability']:.4f}"
+    shots = os.environ.get("MELANOMA_SIAMESE_SCREENSHOTS")
+    if shots:  # to look at them: MELANOMA_SIAMESE_SCREENSHOTS=DIR pytest -k browser
+        for name in ("page.png", "unfamiliar.png", "phone.png"):
+            shutil.copy(tmp_path / name, os.path.join(shots, name))
+    assert raw == expected["probability"]
+    assert (shown, threshold) == _percent_pair(expected["probability"], expected["threshold"])
+    assert _percent(expected["prevalence"]) in assumed
+    assert (float(shown[:-1]) >= float(threshold[:-1])) == (expected["decision"] == "melanoma")
+    assert (raw >= expected["threshold"]) == (expected["decision"] == "melanoma")
     assert len(loaded) == len(expected["similar"]) and all(width > 0 for width in loaded)
     assert all(s["id"] in c for s, c in zip(expected["similar"], captions))
-    assert saliency > 0
+    assert saliency > 0 and "8x8" in caption
+    assert familiar_hidden == (not expected["unfamiliar"]["flag"])
+    assert expected_noise["unfamiliar"]["flag"]
+    assert noise_warning and "unlike every image the model was trained on" in noise_warning
+    assert answer_top < image_top  # on a phone the answer comes first
     assert (tmp_path / "page.png").stat().st_size > 10_000

@@ -190,6 +190,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAINING_COMMANDS = ("train", "demo", "compare", "bench")
+
+
 def keep_freed_memory() -> None:
     """Have glibc keep freed memory in the process, as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... would.
 
@@ -211,7 +214,11 @@ def keep_freed_memory() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    keep_freed_memory()
+    first = next((word for word in argv if not word.startswith("-")), None)
+    if first in TRAINING_COMMANDS:
+        # Right for training's large, repeated batch tensors; wrong for a server, whose memory must fall
+        # back after a burst, and pointless for the rest.
+        keep_freed_memory()
     args = build_parser(named_command(argv)).parse_args(argv)
     try:
         return args.handler(args)

@@ -14,7 +14,7 @@ from . import plots
 from .config import Config
 from .data.prepare import Prepared, balanced_test_ids
 from .engine import embed, melanoma_probability
-from .inference import LoadedRun, load_run
+from .inference import LoadedRun, RetrievalIndex, load_run
 from .metrics import binary_report, bootstrap_ci, choose_threshold, knn_probabilities
 from .runfolder import RunFolder
 
@@ -75,7 +75,8 @@ def _predict_parts(run: LoadedRun, prepared: Prepared, parts: tuple[str, ...],
     return pd.concat(frames, ignore_index=True), embeddings
 
 
-def _plots(frame_test: pd.DataFrame, test_emb: np.ndarray, report: dict, out: RunFolder, seed: int) -> None:
+def _plots(frame_test: pd.DataFrame, test_emb: np.ndarray, report: dict, out: RunFolder, seed: int,
+           calibration=None) -> None:
     y = frame_test["target"].to_numpy()
     curves = {"MLP / classifier": (y, frame_test["prob_melanoma"].to_numpy()),
               "kNN vote": (y, frame_test["knn_prob_melanoma"].to_numpy())}
@@ -84,7 +85,13 @@ def _plots(frame_test: pd.DataFrame, test_emb: np.ndarray, report: dict, out: Ru
     plots.roc_curves(curves, out.image("roc_curve.png"))
     plots.pr_curves(curves, out.image("pr_curve.png"))
     if len(np.unique(y)) == 2:
-        plots.reliability(y, frame_test["prob_melanoma"].to_numpy(), out.image("reliability.png"))
+        raw = frame_test["prob_melanoma"].to_numpy()
+        scores = {"raw score": raw}
+        if calibration is not None:
+            from .calibration import apply
+
+            scores[f"calibrated ({calibration.method}, on validation)"] = apply(calibration, raw)
+        plots.reliability_before_after(y, scores, out.image("reliability.png"))
     if len(y) >= 5:
         plots.embedding_map(test_emb, y, out.image("embedding_map.png"), seed)
         plots.distance_histograms(test_emb[:3000], y[:3000], out.image("distance_hist.png"))
@@ -109,7 +116,56 @@ def _on_saved_split(run: LoadedRun, prepared: Prepared) -> tuple[pd.DataFrame, d
                        np.concatenate([ref_labels, val["target"].to_numpy()]),
                        np.array(["train"] * len(train) + ["val"] * len(val)))
     folder.write_thresholds(thresholds)
+    run.thresholds = folder.read_thresholds()
+    run.index = RetrievalIndex(**folder.read_index())
+    run.trust = _fit_trust(config, val, ref_emb, embeddings["val"], folder)
+    folder.write_trust(run.trust)
     return frame, embeddings, thresholds
+
+
+def _fit_trust(config: Config, val: pd.DataFrame, train_emb: np.ndarray, val_emb: np.ndarray,
+               folder: RunFolder) -> dict:
+    """What makes an answer readable, fitted on the validation part: the calibration of the classifier's
+    score, the unfamiliar-image cut, and whether the run was trained on generated images."""
+    from . import calibration, familiarity
+    from .data.synth import is_generated
+    from .errors import ConfigError
+
+    e = config.evaluation
+    record = {"trained_on_generated_images": is_generated(folder.source().get("data"))}
+    try:
+        record["calibration"] = calibration.fit(val["target"].to_numpy(), val["prob_melanoma"].to_numpy(),
+                                                e.calibration).to_dict()
+    except ConfigError as exc:
+        record["calibration_skipped"] = str(exc)
+    try:
+        record["unfamiliar"] = familiarity.fit(train_emb, val_emb, e.unfamiliar_k, e.unfamiliar_quantile).record()
+    except ConfigError as exc:
+        record["unfamiliar_skipped"] = str(exc)
+    return record
+
+
+def _trust_metrics(run: LoadedRun, frame: pd.DataFrame, embeddings: dict, prevalence: Optional[float]) -> dict:
+    """Calibration before/after (Brier, ECE) on each labelled part, the shown probability column, and the
+    share of each part the unfamiliar-image rule flags."""
+    from . import calibration
+
+    out: dict = {}
+    if run.calibration is not None:
+        frame["probability"] = calibration.apply(run.calibration, frame["prob_melanoma"].to_numpy(), prevalence)
+        out["calibration"] = {"method": run.calibration.method, "fitted_on": "validation part",
+                              "fitted_prevalence": run.calibration.prevalence, "shown_at_prevalence": prevalence,
+                              "threshold_shown": calibration.display_threshold(
+                                  run.calibration, run.thresholds.classifier, prevalence)}
+        for part, rows in frame.groupby("part"):
+            if rows["target"].nunique() == 2:
+                out["calibration"][part] = calibration.report(run.calibration, rows["target"].to_numpy(),
+                                                              rows["prob_melanoma"].to_numpy())
+    rule = run.familiarity
+    if rule is not None:
+        out["unfamiliar"] = {**rule.record(), "flagged_share": {
+            part: float(rule.assess(emb)["unfamiliar"].mean()) for part, emb in embeddings.items() if len(emb)}}
+    return out
 
 
 def _on_other_data(run: LoadedRun, prepared: Prepared) -> tuple[pd.DataFrame, dict, dict]:
@@ -137,11 +193,15 @@ def evaluate_run(run_dir: Path | RunFolder, config: Config, prepared: Prepared, 
         balanced_ids = balanced_test_ids(prepared, d.balanced_test_per_class, config.runtime.seed) \
             if prepared.table["target"].nunique() == 2 else np.array([])
     metrics = _metrics(frame, thresholds, config, balanced_ids, folder if external is None else None)
+    prevalence, source = run.prevalence(config.evaluation.prevalence)
+    metrics.update(_trust_metrics(run, frame, embeddings, prevalence))
+    if "calibration" in metrics:
+        metrics["calibration"]["shown_prevalence_source"] = source
     frame.drop(columns=["row"]).rename(columns={"target": "label"}).to_csv(out.predictions, index=False)
     out.write_metrics(_clean(metrics))
     _report(frame, metrics, balanced_ids, config, log)
     test = frame[frame["part"] == "test"]
-    _plots(test, embeddings["test"], metrics["test"], out, config.runtime.seed)
+    _plots(test, embeddings["test"], metrics["test"], out, config.runtime.seed, run.calibration)
     log(f"Wrote {out.metrics}, {out.predictions} and plots in {out.images}")
     return metrics
 

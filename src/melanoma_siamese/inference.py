@@ -7,7 +7,7 @@ The commands (`predict`, `pair`, `serve`, `export`, `evaluate`) live in their ow
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -20,7 +20,7 @@ from torch import nn
 from .checkpoint import load_model
 from .config import Config
 from .errors import ConfigError, ImageRejected
-from .inputs import DEFAULT_MAX_PIXELS, read_image
+from .inputs import DEFAULT_MAX_PIXELS, ImageChecks, read_image
 from .preprocess import to_model_input
 from .runfolder import RunFolder, Thresholds
 
@@ -70,10 +70,51 @@ class LoadedRun:
     thresholds: Thresholds
     train_prevalence: Optional[float]
     device: torch.device
+    # trust.json: calibration, the unfamiliar-image rule's record, whether the data was generated.
+    trust: dict = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
         return self.folder.root
+
+    @cached_property
+    def calibration(self):
+        from .calibration import Calibration
+
+        record = self.trust.get("calibration")
+        return Calibration.from_dict(record) if record else None
+
+    @cached_property
+    def familiarity(self):
+        """The unfamiliar-image rule, rebuilt from the index (the same cut `evaluate` recorded)."""
+        from .familiarity import from_index
+
+        if self.index is None or not (self.index.parts == "val").any():
+            return None
+        e = self.config.evaluation
+        return from_index(self.index.embeddings, self.index.parts, e.unfamiliar_k, e.unfamiliar_quantile)
+
+    @property
+    def generated(self) -> bool:
+        return bool(self.trust.get("trained_on_generated_images", False))
+
+    @property
+    def checks(self) -> ImageChecks:
+        return ImageChecks(self.config.data.min_image_side, self.config.data.min_image_std)
+
+    def prevalence(self, stated: Optional[float] = None) -> tuple[Optional[float], str]:
+        """The prevalence shown probabilities assume, and where it comes from."""
+        if stated is not None:
+            if not 0 < stated < 1:
+                raise ConfigError(f"--prevalence {stated}: must be strictly between 0 and 1 (a share, e.g. 0.02)")
+            return float(stated), "stated with --prevalence"
+        if self.config.evaluation.prevalence is not None:
+            return self.config.evaluation.prevalence, "set by evaluation.prevalence"
+        if self.train_prevalence:
+            return self.train_prevalence, "the training part's share of melanoma"
+        if self.calibration is not None:
+            return self.calibration.prevalence, "the validation part's share of melanoma"
+        return None, "unknown"
 
     @cached_property
     def image_paths(self) -> dict[str, str]:
@@ -102,7 +143,7 @@ def load_run(run_dir: Path | RunFolder, device: str | torch.device = "cpu", conf
     classifier, _ = load_model(folder.classifier, "classifier")
     index = RetrievalIndex(**folder.read_index()) if with_index else None
     return LoadedRun(folder, config, encoder.to(torch_device), classifier, index, folder.read_thresholds(),
-                     folder.train_prevalence(), torch_device)
+                     folder.train_prevalence(), torch_device, folder.read_trust())
 
 
 class PixelModel(nn.Module):
@@ -147,13 +188,15 @@ def onnx_scorer(path: Path, threads: Optional[int] = None) -> Scorer:
 
 class Predictor:
     """A loaded run and one engine: images -> answers. `engine` is "torch" or "onnxruntime" (the exported
-    model, RUN/models/model.onnx unless `onnx_path` names another)."""
+    model, RUN/models/model.onnx unless `onnx_path` names another). `prevalence`: the share of melanoma in
+    the population the shown probabilities are for (None: the run's default, see LoadedRun.prevalence)."""
 
     def __init__(self, run: LoadedRun, engine: str = "torch", onnx_path: Optional[Path] = None,
-                 batch_size: int = 64):
+                 batch_size: int = 64, prevalence: Optional[float] = None):
         if engine not in ENGINES:
             raise ConfigError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
         self.run, self.engine = run, engine
+        self.prevalence, self.prevalence_source = run.prevalence(prevalence)
         if engine == "torch":
             self.score = torch_scorer(run, batch_size)
             return
@@ -165,11 +208,43 @@ class Predictor:
 
     def answers(self, pixels: np.ndarray, neighbours: int = DEFAULT_NEIGHBOURS) -> list[dict]:
         emb, probs = self.score(pixels)
-        return describe(self.run, emb, probs, neighbours)
+        return describe(self.run, emb, probs, neighbours, self.prevalence, self.prevalence_source)
 
 
-def describe(run: LoadedRun, embeddings: np.ndarray, probs: np.ndarray, neighbours: int) -> list[dict]:
-    """Per image: probability and decision, the kNN vote beside it, and the most similar training images.
+def shown_probability(run: LoadedRun, scores: np.ndarray, prevalence: Optional[float]) -> dict:
+    """The number a person is shown: calibrated and moved to `prevalence` where the run has a calibration,
+    with the threshold on that same scale and the decision taken on it; the raw score otherwise."""
+    from .calibration import displayed
+
+    raw_threshold = run.thresholds.classifier
+    if run.calibration is None:
+        scores = np.asarray(scores, dtype=np.float64)
+        return {"probability": scores, "threshold": raw_threshold, "melanoma": scores >= raw_threshold,
+                "calibrated": False}
+    return {**displayed(run.calibration, scores, raw_threshold, prevalence), "calibrated": True}
+
+
+def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray) -> list[dict]:
+    """Per image: distance to the nearest training images, its percentile among validation images, the flag."""
+    rule = run.familiarity
+    if rule is None:
+        return [{"flag": False, "distance": None, "percentile": None, "cut": None,
+                 "reason": "this run has no validation images in its index to judge familiarity"}] * len(embeddings)
+    found = rule.assess(embeddings)
+    out = []
+    for distance, percentile, flag in zip(found["distance"], found["percentile"], found["unfamiliar"]):
+        reason = (f"Its mean distance to the {rule.k} nearest training images, {distance:.4f}, is above the cut "
+                  f"{rule.cut:.4f} (the {100 * rule.quantile:g}th percentile of validation images' distances); "
+                  f"{percentile:.0f}% of validation images are this close or closer." if flag else "")
+        out.append({"flag": bool(flag), "distance": float(distance), "percentile": float(percentile),
+                    "cut": float(rule.cut), "reason": reason})
+    return out
+
+
+def describe(run: LoadedRun, embeddings: np.ndarray, probs: np.ndarray, neighbours: int,
+             prevalence: Optional[float] = None, prevalence_source: str = "") -> list[dict]:
+    """Per image: probability (calibrated, at `prevalence`) and decision, the raw score, whether the image is
+    unlike the training images, the kNN vote beside it, and the most similar training images.
 
     The vote uses the training part only, with the run's knn_k, as the validation-chosen kNN threshold did.
     """
@@ -178,15 +253,20 @@ def describe(run: LoadedRun, embeddings: np.ndarray, probs: np.ndarray, neighbou
     train = run.index.part("train")
     votes = knn_probabilities(embeddings, train.embeddings, train.labels, run.config.evaluation.knn_k)
     order, distances = train.nearest(embeddings, neighbours)
+    shown = shown_probability(run, probs, prevalence)
+    familiar = unfamiliar_answers(run, embeddings)
     t = run.thresholds
     out = []
     for i, (p, vote) in enumerate(zip(probs, votes)):
         similar = [{"id": str(train.ids[j]), "label": int(train.labels[j]), "label_name": LABEL_NAMES[train.labels[j]],
                     "distance": float(d)} for j, d in zip(order[i], distances[i])]
-        out.append({"probability": float(p), "decision": LABEL_NAMES[int(p >= t.classifier)],
-                    "threshold": t.classifier, "knn_probability": float(vote),
-                    "knn_decision": LABEL_NAMES[int(vote >= t.knn)], "knn_threshold": t.knn,
-                    "similar": similar})
+        out.append({"probability": float(shown["probability"][i]), "decision": LABEL_NAMES[int(shown["melanoma"][i])],
+                    "threshold": float(shown["threshold"]), "score": float(p), "score_threshold": t.classifier,
+                    "calibrated": shown["calibrated"], "prevalence": prevalence,
+                    "prevalence_source": prevalence_source, "unfamiliar": familiar[i],
+                    "trained_on_generated_images": run.generated,
+                    "knn_probability": float(vote), "knn_decision": LABEL_NAMES[int(vote >= t.knn)],
+                    "knn_threshold": t.knn, "similar": similar})
     return out
 
 
@@ -194,8 +274,13 @@ def flat_row(path: Path, result: Optional[dict], reason: str = "", saliency: str
     """One CSV row of `predict`: the answer with its neighbours spread over numbered columns."""
     row = {"path": str(path), "status": "ok" if result else "failed", "reason": reason}
     if result:
-        row.update({k: result[k] for k in ("probability", "decision", "threshold", "knn_probability",
-                                           "knn_decision", "knn_threshold")})
+        row.update({k: result[k] for k in ("probability", "decision", "threshold", "prevalence", "score",
+                                           "score_threshold")})
+        u = result["unfamiliar"]
+        row.update({"unfamiliar": u["flag"], "unfamiliar_distance": u["distance"],
+                    "unfamiliar_percentile": u["percentile"]})
+        row.update({k: result[k] for k in ("knn_probability", "knn_decision", "knn_threshold",
+                                           "trained_on_generated_images")})
         for n, s in enumerate(result["similar"], 1):
             row.update({f"neighbour_{n}_id": s["id"], f"neighbour_{n}_label": s["label"],
                         f"neighbour_{n}_distance": s["distance"]})
@@ -204,10 +289,11 @@ def flat_row(path: Path, result: Optional[dict], reason: str = "", saliency: str
     return row
 
 
-def _decode_batch(paths: Sequence[Path], size: int, max_pixels: int) -> list[tuple[Optional[np.ndarray], str]]:
+def _decode_batch(paths: Sequence[Path], size: int, max_pixels: int,
+                  checks: Optional[ImageChecks] = None) -> list[tuple[Optional[np.ndarray], str]]:
     def work(path: Path) -> tuple[Optional[np.ndarray], str]:
         try:
-            return read_image(path, size, max_pixels), ""
+            return read_image(path, size, max_pixels, checks), ""
         except ImageRejected as exc:
             return None, str(exc)
 
@@ -226,7 +312,7 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], neighbours: int =
     with tqdm(total=len(paths), desc="Predicting", unit="image", disable=not progress, leave=False) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
-            decoded = _decode_batch(chunk, run.config.data.image_size, max_pixels)
+            decoded = _decode_batch(chunk, run.config.data.image_size, max_pixels, run.checks)
             good = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
             results: dict[int, dict] = {}
             overlays: dict[int, str] = {}
@@ -270,7 +356,8 @@ def val_pair_distances(index: RetrievalIndex, limit: int = VAL_PAIR_SAMPLE, seed
 
 
 def pair_report(predictor: Predictor, pixels: np.ndarray) -> dict:
-    """Distance of two images and where it falls among validation same-class and other-class distances."""
+    """Distance of two images and where it falls among validation same-class and other-class distances, with
+    each image's answer (probability at the predictor's prevalence, decision, unfamiliar flag)."""
     emb, probs = predictor.score(pixels)
     distance = float(1.0 - emb[0] @ emb[1])
     reference = {}
@@ -278,7 +365,11 @@ def pair_report(predictor: Predictor, pixels: np.ndarray) -> dict:
         reference[name] = {"pairs": int(len(values)),
                            "share_closer": float((values <= distance).mean()) if len(values) else None,
                            "median": float(np.median(values)) if len(values) else None}
-    t = predictor.run.thresholds.classifier
-    return {"distance": distance, "cosine_similarity": 1.0 - distance,
-            "images": [{"probability": float(p), "decision": LABEL_NAMES[int(p >= t)]} for p in probs],
-            "threshold": t, "validation": reference}
+    shown = shown_probability(predictor.run, probs, predictor.prevalence)
+    familiar = unfamiliar_answers(predictor.run, emb)
+    images = [{"probability": float(p), "decision": LABEL_NAMES[int(m)], "score": float(s), "unfamiliar": u}
+              for p, m, s, u in zip(shown["probability"], shown["melanoma"], probs, familiar)]
+    return {"distance": distance, "cosine_similarity": 1.0 - distance, "images": images,
+            "threshold": float(shown["threshold"]), "calibrated": shown["calibrated"],
+            "prevalence": predictor.prevalence, "prevalence_source": predictor.prevalence_source,
+            "trained_on_generated_images": predictor.run.generated, "validation": reference}

@@ -5,8 +5,9 @@ that declare options from here start quickly.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -59,19 +60,40 @@ def _header_size(handle) -> tuple[int, int]:
         raise ImageRejected(f"cannot be read ({type(exc).__name__}: {exc})", 400) from exc
 
 
-def read_image(source: str | Path | bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """size x size x 3 uint8 from a path or bytes; ImageRejected (with the reason) for anything unusable."""
+@dataclass(frozen=True)
+class ImageChecks:
+    """What an image must be before it is scored: `min_side` pixels on its shorter side (of the original),
+    and a grey-level standard deviation of at least `min_std` (0-255)."""
+
+    min_side: int
+    min_std: float
+
+
+def read_image(source: str | Path | bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+               checks: Optional[ImageChecks] = None) -> np.ndarray:
+    """size x size x 3 uint8 from a path or bytes; ImageRejected (with the reason) for anything unusable:
+    unreadable, larger than max_pixels, or (with `checks`) too small or too flat to be a photo."""
     handle = io.BytesIO(source) if isinstance(source, bytes) else source
     width, height = _header_size(handle)
     # Checked from the header before decoding, so a small file claiming huge dimensions costs nothing.
     if width * height > max_pixels:
         raise ImageRejected(f"image dimensions {width} x {height} exceed the limit of {max_pixels} pixels", 413)
+    if checks is not None and min(width, height) < checks.min_side:
+        raise ImageRejected(f"the image is {width}x{height} pixels; a dermoscopic photo needs at least "
+                            f"{checks.min_side} pixels on its shorter side", 422)
     if isinstance(handle, io.BytesIO):
         handle.seek(0)
     try:
         pixels, _ = decode_image(handle, size)
     except Exception as exc:  # PIL raises many types for truncated or corrupt data
         raise ImageRejected(f"corrupt image ({type(exc).__name__}: {exc})", 400) from exc
+    if checks is not None:
+        from .familiarity import image_problems
+
+        # The flatness check on the decoded image at the model's size: what the model would be shown.
+        problems = image_problems(pixels, min_side=1, min_std=checks.min_std)
+        if problems:
+            raise ImageRejected(problems[0], 422)
     return pixels
 
 

@@ -15,18 +15,50 @@ from .inputs import DEFAULT_MAX_PIXELS
 
 
 def _terminal_table(rows: list[dict], neighbours: int) -> str:
-    lines = [f"{'path':<40} {'P(melanoma)':>11}  {'decision':<12} {'kNN vote':>8}  nearest training images "
-             "(id label distance)"]
+    lines = [f"{'path':<40} {'P(melanoma)':>11}  {'decision':<12} {'familiar?':<22} {'kNN vote':>8}  "
+             "nearest training images (id label distance)"]
     for r in rows:
         path = r["path"] if len(r["path"]) <= 40 else "..." + r["path"][-37:]
         if r["status"] != "ok":
-            lines.append(f"{path:<40} {'-':>11}  {'FAILED':<12} {'-':>8}  {r['reason']}")
+            lines.append(f"{path:<40} {'-':>11}  {'FAILED':<12} {'-':<22} {'-':>8}  {r['reason']}")
             continue
         near = ", ".join(f"{r[f'neighbour_{n}_id']} {'mel' if r[f'neighbour_{n}_label'] else 'ben'} "
                          f"{r[f'neighbour_{n}_distance']:.3f}" for n in range(1, neighbours + 1)
                          if f"neighbour_{n}_id" in r)
-        lines.append(f"{path:<40} {r['probability']:>11.4f}  {r['decision']:<12} {r['knn_probability']:>8.3f}  {near}")
+        familiar = ("-" if r["unfamiliar_percentile"] is None else
+                    f"{'UNFAMILIAR' if r['unfamiliar'] else 'yes'} (pct {r['unfamiliar_percentile']:.0f})")
+        lines.append(f"{path:<40} {r['probability']:>11.4f}  {r['decision']:<12} {familiar:<22} "
+                     f"{r['knn_probability']:>8.3f}  {near}")
     return "\n".join(lines)
+
+
+def _header(predictor) -> list[str]:
+    """What every answer below rests on: the engine, the scale of the probability, the threshold."""
+    run = predictor.run
+    lines = [f"Engine: {predictor.engine}."]
+    if run.generated:
+        lines.append("WARNING: this run was trained on generated images: its answers mean nothing for real photos.")
+    if run.calibration is not None:
+        lines.append(f"P(melanoma): calibrated on the validation part ({run.calibration.method}) for a population "
+                     f"with {100 * predictor.prevalence:.2f}% melanoma ({predictor.prevalence_source}; "
+                     "--prevalence to change).")
+    else:
+        lines.append("P(melanoma): the classifier's raw score (this run has no calibration; `evaluate --run RUN` "
+                     "fits one): a score, not a risk.")
+    lines.append(f"Threshold on that scale: {rows_threshold(predictor):.4f} ({run.thresholds.source}); kNN vote of "
+                 f"k={run.config.evaluation.knn_k} training images, threshold {run.thresholds.knn:.4f}.")
+    rule = run.familiarity
+    if rule is not None:
+        lines.append(f"Unfamiliar: mean distance to the {rule.k} nearest training images above {rule.cut:.4f}, the "
+                     f"{100 * rule.quantile:g}th percentile of validation images (pct = that percentile).")
+    return lines
+
+
+def rows_threshold(predictor) -> float:
+    from .inference import shown_probability
+
+    return float(shown_probability(predictor.run, [predictor.run.thresholds.classifier],
+                                   predictor.prevalence)["threshold"])
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -39,13 +71,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.paths)
     if not paths:
         raise ConfigError(f"no image files found in {', '.join(map(str, args.paths))}")
-    predictor = Predictor(run, args.engine, args.onnx, args.batch_size)
+    predictor = Predictor(run, args.engine, args.onnx, args.batch_size, args.prevalence)
     neighbours = args.neighbours or DEFAULT_NEIGHBOURS
     rows = predict_paths(predictor, paths, neighbours, args.batch_size, args.saliency,
                          int(args.max_megapixels * 1e6), progress=not args.no_progress and len(paths) > args.batch_size)
-    print(f"Engine: {predictor.engine}. Threshold {run.thresholds.classifier:.4f} ({run.thresholds.source}); "
-          f"kNN vote of k={run.config.evaluation.knn_k} training images, threshold {run.thresholds.knn:.4f}")
+    print("\n".join(_header(predictor)))
     print(_terminal_table(rows, neighbours))
+    unfamiliar = sum(bool(r.get("unfamiliar")) for r in rows)
+    if unfamiliar:
+        print(f"{unfamiliar} image(s) are unlike every image the model was trained on: their answers are not "
+              "reliable", file=sys.stderr)
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_csv(args.csv, index=False)
@@ -57,9 +92,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _print_pair(report: dict) -> None:
+    if report["trained_on_generated_images"]:
+        print("WARNING: this run was trained on generated images: its answers mean nothing for real photos.")
     print(f"Embedding distance (1 - cosine similarity): {report['distance']:.4f}")
+    scale = (f"calibrated, at {100 * report['prevalence']:.2f}% melanoma ({report['prevalence_source']})"
+             if report["calibrated"] else "raw score, not calibrated")
     for r in report["images"]:
-        print(f"  {r['path']}: P(melanoma) {r['probability']:.4f} -> {r['decision']} (threshold {report['threshold']:.4f})")
+        print(f"  {r['path']}: P(melanoma) {r['probability']:.4f} ({scale}) -> {r['decision']} "
+              f"(threshold {report['threshold']:.4f})")
+        if r["unfamiliar"]["flag"]:
+            print(f"    UNFAMILIAR: this image is unlike every image the model was trained on; the answer is not "
+                  f"reliable ({r['unfamiliar']['reason']})")
     for name, text in (("same_class", "same-class"), ("other_class", "other-class")):
         v = report["validation"][name]
         if v["pairs"]:
@@ -80,11 +123,11 @@ def cmd_pair(args: argparse.Namespace) -> int:
     images = []
     for path in (args.a, args.b):
         try:
-            images.append(read_image(path, size, max_pixels))
+            images.append(read_image(path, size, max_pixels, run.checks))
         except ImageRejected as exc:
             print(f"error: {path}: {exc}", file=sys.stderr)
             return 1
-    report = pair_report(Predictor(run), np.stack(images))
+    report = pair_report(Predictor(run, prevalence=args.prevalence), np.stack(images))
     report["images"] = [{"path": str(p), **r} for p, r in zip((args.a, args.b), report["images"])]
     if args.json:
         print(json.dumps(report, indent=2))
@@ -105,6 +148,9 @@ def _shared_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_PIXELS / 1e6,
                         help="refuse images whose header claims more pixels than this (default 64)")
+    parser.add_argument("--prevalence", type=float, metavar="P",
+                        help="share of melanoma in the population the probability is for, e.g. 0.02 "
+                             "(default: the training part's)")
 
 
 def add_parser(sub) -> None:

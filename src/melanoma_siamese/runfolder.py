@@ -184,6 +184,18 @@ class RunFolder:
     def read_baseline(self) -> Optional[dict]:
         return self.read_json(self.baseline) if self.baseline.is_file() else None
 
+    @property
+    def trust(self) -> Path:
+        return self.root / "trust.json"
+
+    def read_trust(self) -> dict:
+        """Calibration, the unfamiliar-image rule and what the run was trained on, as `evaluate` wrote them
+        (empty for a run evaluated before they existed)."""
+        return self.read_json(self.trust) if self.trust.is_file() else {}
+
+    def write_trust(self, record: dict) -> None:
+        self.write_json(self.trust, record)
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write through a temporary file in the same folder and rename: a reader never sees half a file."""

@@ -27,18 +27,23 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MULTIPART_OVERHEAD = 64 * 1024
 THUMBNAIL_SIDE = 160
 ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
-NOTE = ("Research tool, not a diagnosis. The probability is the model's score on the class balance of its "
-        "training data, not a patient's risk; the decision uses the threshold chosen on validation images.")
+NOTE = ("Research tool, not a diagnosis. The probability is calibrated on validation images and stated for a "
+        "population with the prevalence given beside it; the decision compares it with a threshold on the same "
+        "scale, chosen on validation images.")
+# Decoding and scoring at once: a 62-megapixel PNG (no reduced-scale decoding, unlike JPEG) is 186 MB
+# while it is decoded, so this bounds the memory a burst can take; the rest wait in a queue.
+DEFAULT_WORKERS = 2
+DEFAULT_QUEUE = 64
 
 
 class Service:
     """A loaded run with what concurrent requests need: a predictor, and a Grad-CAM copy behind a lock."""
 
-    def __init__(self, run, max_pixels: int):
+    def __init__(self, run, max_pixels: int, prevalence: Optional[float] = None):
         from .inference import Predictor
 
         self.run, self.max_pixels = run, max_pixels
-        self.predictor = Predictor(run)
+        self.predictor = Predictor(run, prevalence=prevalence)
         # Grad-CAM hooks the target layer: on the shared model they would catch other requests' activations.
         self.saliency_run = copy.copy(run)
         self.saliency_run.encoder = copy.deepcopy(run.encoder)
@@ -47,24 +52,32 @@ class Service:
         self.known = {str(i): run.image_paths[str(i)] for i in run.index.ids if str(i) in run.image_paths}
 
     def predict(self, data: bytes, saliency: bool, neighbours: int) -> dict:
-        pixels = read_image(data, self.run.config.data.image_size, self.max_pixels)[None]
+        pixels = read_image(data, self.run.config.data.image_size, self.max_pixels, self.run.checks)[None]
         result = self.predictor.answers(pixels, neighbours)[0]
         for s in result["similar"]:
             s["image_url"] = f"/api/similar/{s['id']}/image" if s["id"] in self.known else None
-        result["saliency_png"] = self.saliency(pixels) if saliency else None
+        result["saliency_png"], result["saliency_note"] = self.saliency(pixels) if saliency else (None, "")
         result["threshold_source"] = self.run.thresholds.source
         result["knn_k"] = self.run.config.evaluation.knn_k
         result["note"] = NOTE
         return result
 
-    def saliency(self, pixels: np.ndarray) -> str:
-        from .saliency import saliency_overlays
-
+    def saliency(self, pixels: np.ndarray) -> tuple[Optional[str], str]:
+        """The Grad-CAM overlay as a PNG data URL, and a caption saying what it shows at this run's size."""
+        try:
+            from .saliency import saliency_with_stage
+        except ImportError:  # Grad-CAM is an optional extra
+            return None, "No saliency map: the Grad-CAM package is not installed on this server."
         with self.saliency_lock:
-            overlay = saliency_overlays(self.saliency_run, pixels)[0]
+            found = saliency_with_stage(self.saliency_run, pixels)
+        if not found.stage.useful:
+            return None, f"No useful map at this size: {found.stage.describe()}."
+        if not found.evidence[0]:
+            return None, f"No region raised the melanoma score ({found.stage.describe()})."
         buffer = io.BytesIO()
-        Image.fromarray(overlay).save(buffer, format="PNG")
-        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        Image.fromarray(found.overlays[0]).save(buffer, format="PNG")
+        caption = f"Red: what raised the melanoma score. {found.stage.describe()}."
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(), caption
 
     def health(self) -> dict:
         run = self.run
@@ -72,7 +85,9 @@ class Service:
                 "image_size": run.config.data.image_size, "threshold": run.thresholds.classifier,
                 "threshold_source": run.thresholds.source, "knn_threshold": run.thresholds.knn,
                 "index_size": int(len(run.index.ids)), "images_available": len(self.known),
-                "train_melanoma_fraction": run.train_prevalence, "note": NOTE}
+                "train_melanoma_fraction": run.train_prevalence, "prevalence": self.predictor.prevalence,
+                "prevalence_source": self.predictor.prevalence_source, "calibrated": run.calibration is not None,
+                "trained_on_generated_images": run.generated, "note": NOTE}
 
 
 def thumbnail_png(path: str, side: int = THUMBNAIL_SIDE) -> bytes:
@@ -132,11 +147,26 @@ def _schemas() -> SimpleNamespace:
         distance: float
         image_url: Optional[str]
 
+    class Unfamiliar(BaseModel):
+        flag: bool
+        distance: Optional[float]
+        percentile: Optional[float]
+        cut: Optional[float]
+        reason: str
+
     class Prediction(BaseModel):
         probability: float
         decision: str
         threshold: float
         threshold_source: str
+        score: float
+        score_threshold: float
+        calibrated: bool
+        prevalence: Optional[float]
+        prevalence_source: str
+        unfamiliar: Unfamiliar
+        trained_on_generated_images: bool
+        saliency_note: str
         knn_probability: float
         knn_decision: str
         knn_threshold: float
@@ -156,38 +186,61 @@ def _schemas() -> SimpleNamespace:
         index_size: int
         images_available: int
         train_melanoma_fraction: Optional[float]
+        prevalence: Optional[float]
+        prevalence_source: str
+        calibrated: bool
+        trained_on_generated_images: bool
+        max_upload_mb: float
+        busy: dict
         note: str
 
     class Error(BaseModel):
         detail: str
 
-    return SimpleNamespace(Similar=Similar, Prediction=Prediction, Health=Health, Error=Error)
+    return SimpleNamespace(Similar=Similar, Unfamiliar=Unfamiliar, Prediction=Prediction, Health=Health,
+                           Error=Error)
 
 
 def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu"):
+               max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu", options: Optional[dict] = None):
+    """options: `prevalence` (None: the run's default), `token` (required on every route but health when
+    set), `workers` and `queue` (requests decoded and scored at once, and waiting beyond them)."""
     from fastapi import FastAPI, File, HTTPException, Path as PathParam, Query, UploadFile
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import HTMLResponse, Response
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+    from .admission import Admission, Busy
     from .inference import DEFAULT_NEIGHBOURS, load_run
 
-    service = Service(load_run(run_dir, device), max_pixels)
+    options = options or {}
+    service = Service(load_run(run_dir, device), max_pixels, options.get("prevalence"))
+    gate = Admission(options.get("workers", DEFAULT_WORKERS), options.get("queue", DEFAULT_QUEUE))
     page = (resources.files("melanoma_siamese") / "web" / "index.html").read_text(encoding="utf-8")
+    megabytes = f"{max_upload_bytes / 1024 / 1024:g} MB"
 
     schemas = _schemas()
-    errors = {code: {"model": schemas.Error} for code in (400, 404, 413, 415)}
-    app = FastAPI(title="melanoma-siamese", version="0.1.0", description=NOTE)
+    errors = {code: {"model": schemas.Error} for code in (400, 401, 404, 413, 415, 422, 503)}
+    # No /docs or /redoc: their pages load scripts from a CDN and are blank offline; /openapi.json stays.
+    app = FastAPI(title="melanoma-siamese", version="0.1.0", description=NOTE, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=max_upload_bytes + MULTIPART_OVERHEAD)
+    if options.get("token"):
+        from .auth import BearerToken
+
+        app.add_middleware(BearerToken, token=options["token"])
     thumbnail = lru_cache(maxsize=1024)(thumbnail_png)
+
+    @app.exception_handler(Busy)
+    async def busy(request, exc: Busy):
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index_page() -> str:
         return page
 
     @app.get("/api/health", response_model=schemas.Health)
-    def health() -> dict:
-        return service.health()
+    async def health() -> dict:
+        # Answered on the event loop itself: never behind the work it reports on.
+        return {**service.health(), "max_upload_mb": max_upload_bytes / 1024 / 1024, "busy": gate.state()}
 
     @app.post("/api/predict", response_model=schemas.Prediction, responses=errors)
     async def predict(file: UploadFile = File(..., description="one image (JPEG, PNG, ...)"),
@@ -197,13 +250,14 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
             raise HTTPException(400, "file name with a path in it; send the bare file name")
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"file over the upload limit of {max_upload_bytes} bytes")
+            raise HTTPException(413, f"file over the upload limit of {megabytes}")
         if not data:
             raise HTTPException(400, "empty file")
-        try:
-            return await run_in_threadpool(service.predict, data, saliency, neighbours)
-        except ImageRejected as exc:
-            raise HTTPException(exc.status, str(exc)) from exc
+        async with gate.slot():
+            try:
+                return await run_in_threadpool(service.predict, data, saliency, neighbours)
+            except ImageRejected as exc:
+                raise HTTPException(exc.status, str(exc)) from exc
 
     @app.get("/api/similar/{image_id}/image", response_class=Response, responses={
         200: {"content": {"image/png": {}}, "description": "a PNG thumbnail of a known lesion"}, **errors})
@@ -222,13 +276,23 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
     import uvicorn
 
-    app = create_app(args.run, int(args.max_upload_mb * 1024 * 1024), int(args.max_megapixels * 1e6), args.device)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {args.host}: reachable from other machines; this is a research tool "
-              "without authentication")
-    print(f"Open http://{args.host}:{args.port}/ (API schema at /openapi.json)")
+    from .auth import TOKEN_ENV, is_loopback
+    from .errors import ConfigError
+
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if not is_loopback(args.host) and not token:
+        raise ConfigError(f"--host {args.host} is reachable from other machines, and the page shows patients' "
+                          f"training images: give a token with --token or the {TOKEN_ENV} environment variable "
+                          "(clients send 'Authorization: Bearer TOKEN'; the page opens as /?token=TOKEN)")
+    options = {"prevalence": args.prevalence, "token": token, "workers": args.workers, "queue": args.queue}
+    app = create_app(args.run, int(args.max_upload_mb * 1024 * 1024), int(args.max_megapixels * 1e6), args.device,
+                     options)
+    print(f"Open http://{args.host}:{args.port}/" + ("?token=TOKEN" if token else "")
+          + " (API schema at /openapi.json)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0
 
@@ -243,5 +307,15 @@ def add_parser(sub) -> None:
     parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_PIXELS / 1e6,
                         help="refuse images whose header claims more pixels than this (default 64)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    parser.add_argument("--prevalence", type=float, metavar="P",
+                        help="share of melanoma in the population the probability is for (default: the training "
+                             "part's)")
+    parser.add_argument("--token", help="required from clients (Authorization: Bearer TOKEN) on every route but "
+                                        "/api/health; needed when --host is not a loopback address (or set "
+                                        "MELANOMA_SIAMESE_TOKEN)")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                        help=f"images decoded and scored at once (default {DEFAULT_WORKERS})")
+    parser.add_argument("--queue", type=int, default=DEFAULT_QUEUE,
+                        help=f"requests waiting beyond those; more get 503 with Retry-After (default {DEFAULT_QUEUE})")
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
     parser.set_defaults(handler=cmd_serve)
