@@ -4,9 +4,10 @@
 
 On the run's own split (its images re-decoded as training decoded them, at the run's image size):
 - calibration: Platt (and temperature) fitted on the validation part, Brier and ECE on the test part;
-- unfamiliar images: share flagged among the test part, generated cartoon lesions (data/synth.py),
-  flat-colour images and uniform noise, for k = 1 and 5 at the run's quantile; and what the pixel checks
-  (familiarity.image_problems) say of the flat and noise images;
+- unfamiliar images: share flagged among the test part, generated cartoon lesions (data/synth.py, another
+  seed than the demo's), flat-colour images and uniform noise: by the embedding (k = 1 and the run's k),
+  by appearance (familiarity.appearance_features), by either, at the run's quantile; and what the pixel
+  checks (familiarity.image_problems) say of each set;
 - saliency on the test melanomas: the share of the Grad-CAM map's mass inside the lesion against a
   uniform map's share (= the lesion's share of the image), at the stage saliency.choose_stage picks and
   at the others. Lesion mask: Otsu's threshold on the grey image (after a 5x5 Gaussian blur), the dark
@@ -100,7 +101,7 @@ def measure_calibration(labels: dict, scores: dict, out: Path) -> dict:
     return result
 
 
-def odd_images(size: int, seed: int = 0) -> dict[str, np.ndarray]:
+def odd_images(size: int, seed: int = 99) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
         data = make_synthetic_dataset(Path(tmp) / "synth", n_images=200, size=64, seed=seed)
@@ -112,17 +113,24 @@ def odd_images(size: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {"generated": generated, "flat colour": flat, "uniform noise": noise}
 
 
-def measure_familiarity(embeddings: dict, odd: dict, quantile: float, config) -> dict:
-    result = {}
-    for k in (1, 5):
-        model = familiarity.fit(embeddings["train"], embeddings["val"], k=k, quantile=quantile)
-        rates = {name: float(model.assess(embeddings[name])["unfamiliar"].mean())
-                 for name in ("val", "test", *odd)}
-        result[f"k={k}"] = {"record": model.record(), "flagged": rates}
-    d = config.data
+def measure_familiarity(embeddings: dict, pixels: dict, config) -> dict:
+    """Share flagged per image set: by the embedding (k = 1 and the run's k), by appearance, by either."""
+    e, d = config.evaluation, config.data
+    sets = [name for name in embeddings if name != "train"]
+    appearance = {name: familiarity.appearance_features(images) for name, images in pixels.items()}
+    result, flags = {}, {}
+    for k in sorted({1, e.unfamiliar_k}):
+        model = familiarity.fit(embeddings["train"], embeddings["val"], k=k, quantile=e.unfamiliar_quantile)
+        flags[k] = {name: model.assess(embeddings[name])["unfamiliar"] for name in sets}
+        result[f"embedding k={k}"] = {"record": model.record(),
+                                      "flagged": {name: float(f.mean()) for name, f in flags[k].items()}}
+    model = familiarity.fit(appearance["train"], appearance["val"], k=e.unfamiliar_k, quantile=e.unfamiliar_quantile)
+    looks = {name: model.assess(appearance[name])["unfamiliar"] for name in sets}
+    result["appearance"] = {"record": model.record(), "flagged": {name: float(f.mean()) for name, f in looks.items()}}
+    result["either"] = {name: float((flags[e.unfamiliar_k][name] | looks[name]).mean()) for name in sets}
     result["pixel_checks_refuse"] = {
         name: float(np.mean([bool(familiarity.image_problems(p, d.min_image_side, d.min_image_std)) for p in images]))
-        for name, images in odd.items()}
+        for name, images in pixels.items() if name not in ("train", "val")}
     return result
 
 
@@ -137,7 +145,8 @@ def measure_saliency(run_like, melanomas: np.ndarray, out: Path) -> dict:
         result[name] = {"cells": stage.cells, "chosen": name == default,
                         "mass_inside_mean": float(inside.mean()), "mass_inside_median": float(np.median(inside)),
                         "ratio_to_uniform_mean": float(np.mean(inside / np.maximum(area, 1e-12))),
-                        "share_above_uniform": float(np.mean(inside > area))}
+                        "share_above_uniform": float(np.mean(inside > area)),
+                        "share_no_evidence": float(np.mean(maps.max(axis=(1, 2)) == 0))}
         if name == default:
             pictures = [overlay(p, m) for p, m in zip(melanomas[:8], maps[:8])]
             pictures += [np.where(mk[..., None], p, p // 3) for p, mk in zip(melanomas[:8], masks[:8])]
@@ -166,17 +175,18 @@ def main() -> None:
     embeddings, scores = {}, {}
     for part in pixels:
         embeddings[part], scores[part] = score(encoder, classifier, pixels[part], d.mean, d.std)
-    odd = odd_images(d.image_size)
+    pixels.update(odd_images(d.image_size))
     for item in args.foreign:
         name, folder = item.split("=", 1)
         files = sorted(f for f in Path(folder).rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        odd[name] = np.stack([decode(f, d.image_size) for f in files])
-    for name, images in odd.items():
-        embeddings[name], _ = score(encoder, classifier, images, d.mean, d.std)
+        pixels[name] = np.stack([decode(f, d.image_size) for f in files])
+    for name in pixels:
+        if name not in embeddings:
+            embeddings[name], _ = score(encoder, classifier, pixels[name], d.mean, d.std)
     run_like = SimpleNamespace(config=config, encoder=encoder, classifier=classifier, device=torch.device("cpu"))
     results = {"run": str(run.root), "image_size": d.image_size, "backbone": config.model.backbone,
                "calibration": measure_calibration(labels, scores, out),
-               "familiarity": measure_familiarity(embeddings, odd, config.evaluation.unfamiliar_quantile, config),
+               "familiarity": measure_familiarity(embeddings, pixels, config),
                "saliency": measure_saliency(run_like, pixels["test"][labels["test"] == 1], out)}
     (out / "trust_measure.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
