@@ -1,0 +1,110 @@
+"""The server under a burst of huge uploads, against real uvicorn in its own process: memory stays bounded
+and falls back, the health check stays quick, every request gets an answer."""
+import io
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from inference_run import shared_run
+
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+MB = 1024 * 1024
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def _huge_png(side: int = 7874) -> bytes:
+    """A 62-megapixel PNG (a skin-coloured field with a dark lesion) that compresses to a few hundred KB:
+    small on the wire, 186 MB once decoded."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (side, side), (200, 160, 130))
+    ImageDraw.Draw(image).ellipse((side // 4, side // 4, 3 * side // 4, 3 * side // 4), fill=(70, 40, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Watch:
+    """Samples the server's resident memory and times its health check while a burst runs."""
+
+    def __init__(self, http: httpx.Client, pid: int):
+        self.http, self.pid = http, pid
+        self.peak, self.health_seconds, self.stop = 0, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, _rss(self.pid))
+            start = time.perf_counter()
+            assert self.http.get("/api/health", timeout=10).status_code == 200
+            self.health_seconds.append(time.perf_counter() - start)
+            time.sleep(0.05)
+
+
+def _burst(http: httpx.Client, pid: int, data: bytes, n: int, **params) -> tuple[list[int], Watch]:
+    watch = Watch(http, pid)
+    thread = threading.Thread(target=watch.run, daemon=True)
+    thread.start()
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        responses = list(pool.map(lambda _: http.post("/api/predict", params=params, timeout=300,
+                                                      files={"file": ("big.png", data, "image/png")}), range(n)))
+    watch.stop.set()
+    thread.join(timeout=30)
+    return [r.status_code for r in responses], watch
+
+
+@pytest.mark.slow
+def test_twenty_62_megapixel_uploads_keep_memory_bounded_and_health_quick(tiny_data, tmp_path_factory, tmp_path):
+    run = shared_run(tiny_data, tmp_path_factory)
+    data = _huge_png()
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "melanoma_siamese", "serve", "--run", str(run), "--port",
+                               str(port), "--quiet"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            deadline = time.time() + 120
+            while True:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()
+                try:
+                    if http.get("/api/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.time() < deadline, "server did not start in 120 s"
+                time.sleep(0.5)
+            # One request first: what a served model takes at rest (weights, index, warmed-up allocator).
+            assert http.post("/api/predict", files={"file": ("big.png", data, "image/png")},
+                             timeout=120).status_code == 200
+            start = _rss(server.pid)
+            plain, watch = _burst(http, server.pid, data, 20)
+            with_saliency, watch_saliency = _burst(http, server.pid, data, 20, saliency="true")
+            time.sleep(2)
+            after = _rss(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    report = (f"start {start / MB:.0f} MB, peak {watch.peak / MB:.0f} / {watch_saliency.peak / MB:.0f} MB (with "
+              f"saliency), after {after / MB:.0f} MB; slowest health {max(watch.health_seconds):.2f} / "
+              f"{max(watch_saliency.health_seconds):.2f} s")
+    print(report)
+    assert plain == [200] * 20 and with_saliency == [200] * 20, report
+    assert watch.peak < start + 1024 * MB and watch_saliency.peak < start + 1024 * MB, report
+    assert max(watch.health_seconds + watch_saliency.health_seconds) < 1.0, report
+    assert after < start + 256 * MB, report
