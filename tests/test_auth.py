@@ -49,3 +49,12 @@ def test_the_page_opened_with_its_token_sets_a_cookie_the_page_then_sends(client
 def test_loopback_addresses():
     assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "[::1]", "127.1.2.3"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "192.168.1.4", "::", "example.org"))
+
+
+def test_serve_off_loopback_without_a_token_is_refused(tmp_path, capsys, monkeypatch):
+    from melanoma_siamese.cli import main
+
+    monkeypatch.delenv("MELANOMA_SIAMESE_TOKEN", raising=False)
+    assert main(["serve", "--run", str(tmp_path), "--host", "0.0.0.0"]) == 2
+    message = capsys.readouterr().err
+    assert "--token" in message and "MELANOMA_SIAMESE_TOKEN" in message and "0.0.0.0" in message

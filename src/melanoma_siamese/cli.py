@@ -49,6 +49,9 @@ def _own_commands(sub) -> None:
     evaluate.add_argument("--run", type=Path, required=True, help="run folder written by train")
     add_data(evaluate)
     evaluate.add_argument("--tta", action="store_true", help="average the 8 flips/transposes of each image")
+    evaluate.add_argument("--prevalence", type=float, metavar="P",
+                          help="share of melanoma in the population the `probability` column is for, e.g. for an "
+                               "external set (default: the training part's)")
     add_common(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
 

@@ -55,6 +55,8 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
         overrides.append("data.skip_bad_images=true")
     if getattr(args, "tta", False):
         overrides.append("evaluation.tta=true")
+    if getattr(args, "prevalence", None) is not None:
+        overrides.append(f"evaluation.prevalence={args.prevalence}")
     return overrides
 
 
