@@ -111,16 +111,27 @@ def _on_saved_split(run: LoadedRun, prepared: Prepared) -> tuple[pd.DataFrame, d
     for name, column in (("classifier", "prob_melanoma"), ("knn", "knn_prob_melanoma")):
         thresholds[name] = choose_threshold(val["target"].to_numpy(), val[column].to_numpy(), rule.threshold,
                                             rule.target_sensitivity, rule.fixed_threshold)
-    folder.write_index(np.concatenate([ref_emb, embeddings["val"]]),
-                       np.concatenate([train["isic_id"].to_numpy(), val["isic_id"].to_numpy()]),
-                       np.concatenate([ref_labels, val["target"].to_numpy()]),
-                       np.array(["train"] * len(train) + ["val"] * len(val)))
+    _write_index(folder, prepared, train, val, (ref_emb, embeddings["val"]))
     folder.write_thresholds(thresholds)
     run.thresholds = folder.read_thresholds()
     run.index = RetrievalIndex(**folder.read_index())
     run.trust = _fit_trust(config, val, ref_emb, embeddings["val"], folder)
     folder.write_trust(run.trust)
     return frame, embeddings, thresholds
+
+
+def _write_index(folder: RunFolder, prepared: Prepared, train: pd.DataFrame, val: pd.DataFrame,
+                 embeddings: tuple[np.ndarray, np.ndarray]) -> None:
+    """The retrieval index: train and val embeddings, ids, labels, parts, and appearance descriptors."""
+    from .familiarity import appearance_features
+
+    rows = np.concatenate([train["row"].to_numpy(), val["row"].to_numpy()])
+    appearance = np.concatenate([appearance_features(np.asarray(prepared.array[rows[i:i + 512]]))
+                                 for i in range(0, len(rows), 512)])
+    folder.write_index(np.concatenate(embeddings),
+                       np.concatenate([train["isic_id"].to_numpy(), val["isic_id"].to_numpy()]),
+                       np.concatenate([train["target"].to_numpy(), val["target"].to_numpy()]),
+                       np.array(["train"] * len(train) + ["val"] * len(val)), appearance)
 
 
 def _fit_trust(config: Config, val: pd.DataFrame, train_emb: np.ndarray, val_emb: np.ndarray,
@@ -140,12 +151,18 @@ def _fit_trust(config: Config, val: pd.DataFrame, train_emb: np.ndarray, val_emb
         record["calibration_skipped"] = str(exc)
     try:
         record["unfamiliar"] = familiarity.fit(train_emb, val_emb, e.unfamiliar_k, e.unfamiliar_quantile).record()
+        index = folder.read_index()
+        parts = index["parts"]
+        record["unfamiliar_appearance"] = {**familiarity.fit(
+            index["appearance"][parts == "train"], index["appearance"][parts == "val"], e.unfamiliar_k,
+            e.unfamiliar_quantile).record(), "method": "the same, on appearance_features (texture histograms)"}
     except ConfigError as exc:
         record["unfamiliar_skipped"] = str(exc)
     return record
 
 
-def _trust_metrics(run: LoadedRun, frame: pd.DataFrame, embeddings: dict, prevalence: Optional[float]) -> dict:
+def _trust_metrics(run: LoadedRun, frame: pd.DataFrame, embeddings: dict, array: np.ndarray,
+                   prevalence: Optional[float]) -> dict:
     """Calibration before/after (Brier, ECE) on each labelled part, the shown probability column, and the
     share of each part the unfamiliar-image rule flags."""
     from . import calibration
@@ -161,11 +178,27 @@ def _trust_metrics(run: LoadedRun, frame: pd.DataFrame, embeddings: dict, preval
             if rows["target"].nunique() == 2:
                 out["calibration"][part] = calibration.report(run.calibration, rows["target"].to_numpy(),
                                                               rows["prob_melanoma"].to_numpy())
-    rule = run.familiarity
-    if rule is not None:
-        out["unfamiliar"] = {**rule.record(), "flagged_share": {
-            part: float(rule.assess(emb)["unfamiliar"].mean()) for part, emb in embeddings.items() if len(emb)}}
+    if run.familiarity is not None:
+        out["unfamiliar"] = {**run.familiarity.record(), "flagged_share": _flagged_shares(run, frame, embeddings, array)}
     return out
+
+
+def _flagged_shares(run: LoadedRun, frame: pd.DataFrame, embeddings: dict, array: np.ndarray) -> dict:
+    """Share of each scored part the unfamiliar-image rule flags (the embedding's, or the appearance's, cut)."""
+    from .familiarity import appearance_features
+
+    shares = {}
+    for part, emb in embeddings.items():
+        if not len(emb):
+            continue
+        flag = run.familiarity.assess(emb)["unfamiliar"]
+        if run.appearance_rule is not None:
+            rows = frame.loc[frame["part"] == part, "row"].to_numpy()
+            looks = np.concatenate([appearance_features(np.asarray(array[rows[i:i + 512]]))
+                                    for i in range(0, len(rows), 512)])
+            flag = flag | run.appearance_rule.assess(looks)["unfamiliar"]
+        shares[part] = float(flag.mean())
+    return shares
 
 
 def _on_other_data(run: LoadedRun, prepared: Prepared) -> tuple[pd.DataFrame, dict, dict]:
@@ -194,7 +227,7 @@ def evaluate_run(run_dir: Path | RunFolder, config: Config, prepared: Prepared, 
             if prepared.table["target"].nunique() == 2 else np.array([])
     metrics = _metrics(frame, thresholds, config, balanced_ids, folder if external is None else None)
     prevalence, source = run.prevalence(config.evaluation.prevalence)
-    metrics.update(_trust_metrics(run, frame, embeddings, prevalence))
+    metrics.update(_trust_metrics(run, frame, embeddings, prepared.array, prevalence))
     if "calibration" in metrics:
         metrics["calibration"]["shown_prevalence_source"] = source
     frame.drop(columns=["row"]).rename(columns={"target": "label"}).to_csv(out.predictions, index=False)

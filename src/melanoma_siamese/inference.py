@@ -44,10 +44,13 @@ class RetrievalIndex:
     ids: np.ndarray
     labels: np.ndarray
     parts: np.ndarray
+    # Appearance descriptors of the same images (familiarity.appearance_features), for the unfamiliar check.
+    appearance: Optional[np.ndarray] = None
 
     def part(self, name: str) -> "RetrievalIndex":
         keep = self.parts == name
-        return RetrievalIndex(self.embeddings[keep], self.ids[keep], self.labels[keep], self.parts[keep])
+        return RetrievalIndex(self.embeddings[keep], self.ids[keep], self.labels[keep], self.parts[keep],
+                              None if self.appearance is None else self.appearance[keep])
 
     def nearest(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Indices (N x k) of the most similar entries and their cosine distances (1 - cosine similarity)."""
@@ -93,6 +96,18 @@ class LoadedRun:
             return None
         e = self.config.evaluation
         return from_index(self.index.embeddings, self.index.parts, e.unfamiliar_k, e.unfamiliar_quantile)
+
+    @cached_property
+    def appearance_rule(self):
+        """The same rule on appearance descriptors: an encoder trained to separate two classes can map a photo
+        unlike its training images right beside them, while its texture still differs."""
+        from .familiarity import fit
+
+        if self.index is None or self.index.appearance is None or not (self.index.parts == "val").any():
+            return None
+        e, parts = self.config.evaluation, self.index.parts
+        return fit(self.index.appearance[parts == "train"], self.index.appearance[parts == "val"],
+                   e.unfamiliar_k, e.unfamiliar_quantile)
 
     @property
     def generated(self) -> bool:
@@ -207,8 +222,7 @@ class Predictor:
         self.score = onnx_scorer(Path(path))
 
     def answers(self, pixels: np.ndarray, neighbours: int = DEFAULT_NEIGHBOURS) -> list[dict]:
-        emb, probs = self.score(pixels)
-        return describe(self.run, emb, probs, neighbours, self.prevalence, self.prevalence_source)
+        return describe(self.run, pixels, self.score(pixels), neighbours, self.prevalence, self.prevalence_source)
 
 
 def shown_probability(run: LoadedRun, scores: np.ndarray, prevalence: Optional[float]) -> dict:
@@ -224,24 +238,35 @@ def shown_probability(run: LoadedRun, scores: np.ndarray, prevalence: Optional[f
     return {**displayed(run.calibration, scores, raw_threshold, prevalence), "calibrated": True}
 
 
-def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray) -> list[dict]:
-    """Per image: distance to the nearest training images, its percentile among validation images, the flag."""
+def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray, pixels: np.ndarray) -> list[dict]:
+    """Per image: distance to the nearest training images and its percentile among validation images, in the
+    embedding and in appearance; flagged when either is beyond its cut."""
+    from .familiarity import appearance_features
+
     rule = run.familiarity
     if rule is None:
-        return [{"flag": False, "distance": None, "percentile": None, "cut": None,
+        return [{"flag": False, "distance": None, "percentile": None, "cut": None, "appearance_flag": False,
                  "reason": "this run has no validation images in its index to judge familiarity"}] * len(embeddings)
     found = rule.assess(embeddings)
+    looks = (run.appearance_rule.assess(appearance_features(pixels)) if run.appearance_rule is not None
+             else {"unfamiliar": np.zeros(len(embeddings), dtype=bool), "percentile": [None] * len(embeddings)})
     out = []
-    for distance, percentile, flag in zip(found["distance"], found["percentile"], found["unfamiliar"]):
-        reason = (f"Its mean distance to the {rule.k} nearest training images, {distance:.4f}, is above the cut "
-                  f"{rule.cut:.4f} (the {100 * rule.quantile:g}th percentile of validation images' distances); "
-                  f"{percentile:.0f}% of validation images are this close or closer." if flag else "")
-        out.append({"flag": bool(flag), "distance": float(distance), "percentile": float(percentile),
-                    "cut": float(rule.cut), "reason": reason})
+    for i, (distance, percentile) in enumerate(zip(found["distance"], found["percentile"])):
+        reasons = []
+        if found["unfamiliar"][i]:
+            reasons.append(f"its mean distance to the {rule.k} nearest training images, {distance:.4f}, is above "
+                           f"the cut {rule.cut:.4f} (the {100 * rule.quantile:g}th percentile of validation "
+                           f"images'; {percentile:.0f}% of them are this close or closer)")
+        if looks["unfamiliar"][i]:
+            reasons.append(f"its texture is unlike the training images' (farther than {looks['percentile'][i]:.0f}% "
+                           "of validation images)")
+        out.append({"flag": bool(reasons), "distance": float(distance), "percentile": float(percentile),
+                    "cut": float(rule.cut), "appearance_flag": bool(looks["unfamiliar"][i]),
+                    "reason": ("In the model's terms, " + "; and ".join(reasons) + ".") if reasons else ""})
     return out
 
 
-def describe(run: LoadedRun, embeddings: np.ndarray, probs: np.ndarray, neighbours: int,
+def describe(run: LoadedRun, pixels: np.ndarray, scored: tuple[np.ndarray, np.ndarray], neighbours: int,
              prevalence: Optional[float] = None, prevalence_source: str = "") -> list[dict]:
     """Per image: probability (calibrated, at `prevalence`) and decision, the raw score, whether the image is
     unlike the training images, the kNN vote beside it, and the most similar training images.
@@ -250,11 +275,12 @@ def describe(run: LoadedRun, embeddings: np.ndarray, probs: np.ndarray, neighbou
     """
     from .metrics import knn_probabilities
 
+    embeddings, probs = scored
     train = run.index.part("train")
     votes = knn_probabilities(embeddings, train.embeddings, train.labels, run.config.evaluation.knn_k)
     order, distances = train.nearest(embeddings, neighbours)
     shown = shown_probability(run, probs, prevalence)
-    familiar = unfamiliar_answers(run, embeddings)
+    familiar = unfamiliar_answers(run, embeddings, pixels)
     t = run.thresholds
     out = []
     for i, (p, vote) in enumerate(zip(probs, votes)):
@@ -366,7 +392,7 @@ def pair_report(predictor: Predictor, pixels: np.ndarray) -> dict:
                            "share_closer": float((values <= distance).mean()) if len(values) else None,
                            "median": float(np.median(values)) if len(values) else None}
     shown = shown_probability(predictor.run, probs, predictor.prevalence)
-    familiar = unfamiliar_answers(predictor.run, emb)
+    familiar = unfamiliar_answers(predictor.run, emb, pixels)
     images = [{"probability": float(p), "decision": LABEL_NAMES[int(m)], "score": float(s), "unfamiliar": u}
               for p, m, s, u in zip(shown["probability"], shown["melanoma"], probs, familiar)]
     return {"distance": distance, "cosine_similarity": 1.0 - distance, "images": images,

@@ -166,13 +166,18 @@ class RunFolder:
             raise ConfigError(f"{self.root} has no {self.index.name} (the retrieval index); `melanoma-siamese "
                               f"evaluate --run {self.root}` writes it")
         with np.load(self.index) as data:
-            return {"embeddings": data["embeddings"].astype(np.float32), "ids": data["ids"].astype(str),
-                    "labels": data["labels"].astype(int), "parts": data["parts"].astype(str)}
+            out = {"embeddings": data["embeddings"].astype(np.float32), "ids": data["ids"].astype(str),
+                   "labels": data["labels"].astype(int), "parts": data["parts"].astype(str)}
+            # Written since the unfamiliar-image rule's appearance check; older indexes lack it.
+            out["appearance"] = data["appearance"].astype(np.float32) if "appearance" in data.files else None
+            return out
 
-    def write_index(self, embeddings: np.ndarray, ids: np.ndarray, labels: np.ndarray, parts: np.ndarray) -> None:
+    def write_index(self, embeddings: np.ndarray, ids: np.ndarray, labels: np.ndarray, parts: np.ndarray,
+                    appearance: Optional[np.ndarray] = None) -> None:
         buffer = io.BytesIO()
+        extra = {} if appearance is None else {"appearance": np.asarray(appearance, dtype=np.float32)}
         np.savez(buffer, embeddings=np.asarray(embeddings, dtype=np.float32), ids=np.asarray(ids).astype(str),
-                 labels=np.asarray(labels), parts=np.asarray(parts).astype(str))
+                 labels=np.asarray(labels), parts=np.asarray(parts).astype(str), **extra)
         write_bytes_atomic(self.index, buffer.getvalue())
 
     def read_metrics(self) -> dict:
