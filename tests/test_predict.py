@@ -166,3 +166,39 @@ def test_threshold_is_half_and_says_so_without_threshold_json(tmp_path):
 
 def test_not_a_run_folder_exits_2(tmp_path, tiny_data):
     assert main(["predict", "--run", str(tmp_path), str(image_files(tiny_data)[0])]) == 2
+
+
+def test_the_run_records_its_calibration_and_unfamiliar_rule(run_dir):
+    trust = RunFolder(run_dir).read_trust()
+    assert trust["trained_on_generated_images"] is True
+    assert trust["calibration"]["method"] == "platt" and 0 < trust["calibration"]["prevalence"] < 1
+    assert trust["unfamiliar"]["quantile"] == 0.99 and trust["unfamiliar"]["n_val"] > 0
+    assert trust["unfamiliar_appearance"]["cut"] > 0
+    metrics = RunFolder(run_dir).read_metrics()
+    assert {"brier_before", "brier_after", "ece_before", "ece_after"} <= set(metrics["calibration"]["test"])
+    assert set(metrics["unfamiliar"]["flagged_share"]) == {"val", "test"}
+
+
+def test_noise_is_flagged_unfamiliar_and_tiny_or_flat_images_are_refused(run, tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    Image.new("RGB", (200, 200), (128, 128, 128)).save(tmp_path / "grey.png")
+    rows = {r["path"].rsplit("/", 1)[-1]: r for r in
+            predict_paths(Predictor(run), [tmp_path / n for n in ("noise.png", "dot.png", "grey.png")])}
+    assert rows["noise.png"]["status"] == "ok" and rows["noise.png"]["unfamiliar"]
+    assert rows["noise.png"]["unfamiliar_percentile"] == 100
+    assert rows["dot.png"]["status"] == "failed" and "at least 32 pixels" in rows["dot.png"]["reason"]
+    assert rows["grey.png"]["status"] == "failed" and "flat colour" in rows["grey.png"]["reason"]
+
+
+def test_prevalence_moves_the_probability_and_its_threshold_together(run, tiny_data):
+    paths = image_files(tiny_data)[:8]
+    low = predict_paths(Predictor(run, prevalence=0.01), paths)
+    high = predict_paths(Predictor(run, prevalence=0.5), paths)
+    for a, b in zip(low, high):
+        assert a["score"] == b["score"] and a["decision"] == b["decision"]
+        assert a["probability"] < b["probability"] and a["threshold"] < b["threshold"]
+        assert (a["probability"] >= a["threshold"]) == (a["decision"] == "melanoma")
+    with pytest.raises(Exception, match="between 0 and 1"):
+        Predictor(run, prevalence=1.5)
