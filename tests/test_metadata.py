@@ -120,3 +120,16 @@ def test_one_list_of_image_extensions_for_datasets_and_predict(tmp_path):
     ds = read_dataset(tmp_path)
     assert not ds.problems and (ds.table["path"] != "").all()
     assert sorted(map(str, expand_inputs([folder]))) == sorted(ds.table["path"])
+
+
+@pytest.mark.parametrize("columns, announced", [
+    ({"diagnosis": ["Melanoma", "Nevus", "Nevus"]}, "labels from column(s) diagnosis"),
+    ({"benign_malignant": ["malignant", "benign", "benign"]}, "labels from column 'benign_malignant'"),
+])
+def test_labels_not_from_target_are_announced(columns, announced):
+    from melanoma_siamese.data.metadata import derive_labels
+
+    table = pd.DataFrame({"isic_id": ["a", "b", "c"], **columns})
+    labels, problems, warnings = derive_labels(table, "metadata.csv")
+    assert list(labels) == [1, 0, 0] and not problems
+    assert any(announced in w and "1 of 3 melanoma" in w for w in warnings)

@@ -105,6 +105,8 @@ def derive_labels(table: pd.DataFrame, file: str) -> tuple[pd.Series, list[Probl
             else:
                 problems.append(Problem(file, f"image {ids[i]}: benign_malignant must be one of "
                                         f"{', '.join(BENIGN_MALIGNANT)}", "benign_malignant", text or "<empty>"))
+        warnings.append(f"{file}: no 'target' column; labels from column 'benign_malignant': malignant -> "
+                        f"melanoma (1), benign -> 0 ({int((labels == 1).sum())} of {len(labels)} melanoma)")
         if "diagnosis" in table.columns:
             diagnosis = table["diagnosis"].map(_text).str.lower()
             other = (labels == 1) & ~diagnosis.str.contains("melanoma") & (diagnosis != "") & (diagnosis != "unknown")
@@ -131,6 +133,10 @@ def derive_labels(table: pd.DataFrame, file: str) -> tuple[pd.Series, list[Probl
             continue
         melanoma = any("melanoma" in texts.get(c, "").lower() for c in DIAGNOSIS_COLUMNS)
         labels[i] = int(melanoma)
+    used = [c for c in DIAGNOSIS_COLUMNS if c in table.columns]
+    warnings.append(f"{file}: no 'target' or 'benign_malignant' column; labels from column(s) "
+                    f"{', '.join(used) or ', '.join(present)}: a diagnosis containing 'melanoma' -> melanoma (1), any "
+                    f"other -> 0 ({int((labels == 1).sum())} of {len(labels)} melanoma)")
     return labels, problems, warnings
 
 
