@@ -175,6 +175,13 @@ def _schemas() -> SimpleNamespace:
         saliency_png: Optional[str]
         note: str
 
+    return SimpleNamespace(Similar=Similar, Unfamiliar=Unfamiliar, Prediction=Prediction, **_run_schemas())
+
+
+def _run_schemas() -> dict:
+    """The health answer's and the errors' models."""
+    from pydantic import BaseModel
+
     class Health(BaseModel):
         status: str
         run: str
@@ -197,26 +204,23 @@ def _schemas() -> SimpleNamespace:
     class Error(BaseModel):
         detail: str
 
-    return SimpleNamespace(Similar=Similar, Unfamiliar=Unfamiliar, Prediction=Prediction, Health=Health,
-                           Error=Error)
+    return {"Health": Health, "Error": Error}
 
 
 def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu", options: Optional[dict] = None):
     """options: `prevalence` (None: the run's default), `token` (required on every route but health when
     set), `workers` and `queue` (requests decoded and scored at once, and waiting beyond them)."""
-    from fastapi import FastAPI, File, HTTPException, Path as PathParam, Query, UploadFile
-    from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse, JSONResponse
 
     from .admission import Admission, Busy
-    from .inference import DEFAULT_NEIGHBOURS, load_run
+    from .inference import load_run
 
     options = options or {}
     service = Service(load_run(run_dir, device), max_pixels, options.get("prevalence"))
     gate = Admission(options.get("workers", DEFAULT_WORKERS), options.get("queue", DEFAULT_QUEUE))
     page = (resources.files("melanoma_siamese") / "web" / "index.html").read_text(encoding="utf-8")
-    megabytes = f"{max_upload_bytes / 1024 / 1024:g} MB"
 
     schemas = _schemas()
     errors = {code: {"model": schemas.Error} for code in (400, 401, 404, 413, 415, 422, 503)}
@@ -227,7 +231,6 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         from .auth import BearerToken
 
         app.add_middleware(BearerToken, token=options["token"])
-    thumbnail = lru_cache(maxsize=1024)(thumbnail_png)
 
     @app.exception_handler(Busy)
     async def busy(request, exc: Busy):
@@ -242,7 +245,21 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         # Answered on the event loop itself: never behind the work it reports on.
         return {**service.health(), "max_upload_mb": max_upload_bytes / 1024 / 1024, "busy": gate.state()}
 
-    @app.post("/api/predict", response_model=schemas.Prediction, responses=errors)
+    _prediction_route(app, service, gate, max_upload_bytes, (schemas.Prediction, errors))
+    _thumbnail_route(app, service, errors)
+    return app
+
+
+def _prediction_route(app, service: Service, gate, max_upload_bytes: int, models: tuple) -> None:
+    from fastapi import File, HTTPException, Query, UploadFile
+    from fastapi.concurrency import run_in_threadpool
+
+    from .inference import DEFAULT_NEIGHBOURS
+
+    prediction, errors = models
+    megabytes = f"{max_upload_bytes / 1024 / 1024:g} MB"
+
+    @app.post("/api/predict", response_model=prediction, responses=errors)
     async def predict(file: UploadFile = File(..., description="one image (JPEG, PNG, ...)"),
                       saliency: bool = Query(False, description="add a Grad-CAM overlay as a PNG data URL"),
                       neighbours: int = Query(DEFAULT_NEIGHBOURS, ge=1, le=50)) -> dict:
@@ -259,6 +276,13 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
             except ImageRejected as exc:
                 raise HTTPException(exc.status, str(exc)) from exc
 
+
+def _thumbnail_route(app, service: Service, errors: dict) -> None:
+    from fastapi import HTTPException, Path as PathParam
+    from fastapi.responses import Response
+
+    thumbnail = lru_cache(maxsize=1024)(thumbnail_png)
+
     @app.get("/api/similar/{image_id}/image", response_class=Response, responses={
         200: {"content": {"image/png": {}}, "description": "a PNG thumbnail of a known lesion"}, **errors})
     def similar_image(image_id: str = PathParam(..., pattern=ID_PATTERN, max_length=128)) -> Response:
@@ -271,8 +295,6 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
             return Response(thumbnail(path), media_type="image/png")
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise HTTPException(404, f"the image of {image_id} can no longer be read") from exc
-
-    return app
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
