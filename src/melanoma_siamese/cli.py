@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import inspect
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ MODULE_COMMANDS = {
     "pair": ("predict", "embedding distance of two images, against validation pair distances"),
     "export": ("export", "write encoder + classifier as one ONNX model and check it"),
     "serve": ("serve", "web page and HTTP API over a trained run"),
-    "bench": ("bench", "measure input pipeline, passes per image, embedding speed and memory side by side on "
+    "bench": ("bench_options", "measure input pipeline, passes per image, embedding speed and memory side by side on "
               "this machine (--gpu: training throughput on a CUDA GPU)"),
 }
 
@@ -70,14 +69,6 @@ def _own_commands(sub) -> None:
     synth.set_defaults(handler=cmd_synth)
 
 
-def _declare(module, sub) -> None:
-    # `bench` still takes the unused `common` argument the other modules dropped.
-    if len(inspect.signature(module.add_parser).parameters) == 2:
-        module.add_parser(sub, add_common)
-    else:
-        module.add_parser(sub)
-
-
 def build_parser(commands: Optional[Collection[str]] = None) -> argparse.ArgumentParser:
     """The whole parser; with `commands`, only those are declared in full (their modules imported), and
     the others are listed by name and help line."""
@@ -92,7 +83,7 @@ def build_parser(commands: Optional[Collection[str]] = None) -> argparse.Argumen
         if module not in wanted:
             sub.add_parser(name, help=help_line)
         elif module not in declared:
-            _declare(import_module(f".{module}", __package__), sub)
+            import_module(f".{module}", __package__).add_parser(sub)
             declared.add(module)
     return parser
 

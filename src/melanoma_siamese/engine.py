@@ -36,12 +36,13 @@ def _dihedral(images: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def embed(encoder: nn.Module, array: np.ndarray, rows: np.ndarray, mean: float, std: float,
-          device: torch.device, batch_size: int = 128, tta: bool = False, progress: bool = False,
-          desc: str = "Embedding") -> np.ndarray:
-    """L2-normalised embeddings of cache rows (no augmentation; TTA averages the 8 flips/transposes)."""
+          device: torch.device, batch_size: int = 128, tta: bool = False,
+          progress: Optional[str] = None) -> np.ndarray:
+    """L2-normalised embeddings of cache rows (no augmentation; TTA averages the 8 flips/transposes).
+    `progress`: the progress bar's title, or None for no bar."""
     encoder.eval()
     out = []
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress, leave=False):
+    for start in tqdm(range(0, len(rows), batch_size), desc=progress, disable=progress is None, leave=False):
         images = to_model_input(torch.from_numpy(np.asarray(array[rows[start:start + batch_size]])), mean, std,
                                 device)
         if tta:

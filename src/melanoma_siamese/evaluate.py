@@ -66,7 +66,7 @@ def _predict_parts(run: LoadedRun, prepared: Prepared, parts: tuple[str, ...],
     for part in parts:
         frame = prepared.part(part)[["isic_id", "patient_id", "target", "row"]].copy()
         emb = embed(run.encoder, prepared.array, frame["row"].to_numpy(), d.mean, d.std, run.device,
-                    tta=config.evaluation.tta, progress=config.runtime.progress, desc=f"Embedding {part}")
+                    tta=config.evaluation.tta, progress=f"Embedding {part}" if config.runtime.progress else None)
         frame["prob_melanoma"] = melanoma_probability(run.classifier, emb)
         frame["knn_prob_melanoma"] = knn_probabilities(emb, reference[0], reference[1], config.evaluation.knn_k)
         frame["part"] = part
@@ -102,7 +102,7 @@ def _on_saved_split(run: LoadedRun, prepared: Prepared) -> tuple[pd.DataFrame, d
     config, d, folder = run.config, run.config.data, run.folder
     train = prepared.part("train")
     ref_emb = embed(run.encoder, prepared.array, train["row"].to_numpy(), d.mean, d.std, run.device,
-                    progress=config.runtime.progress, desc="Embedding train")
+                    progress="Embedding train" if config.runtime.progress else None)
     ref_labels = train["target"].to_numpy()
     frame, embeddings = _predict_parts(run, prepared, ("val", "test"), (ref_emb, ref_labels))
     val = frame[frame["part"] == "val"]

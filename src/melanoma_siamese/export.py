@@ -105,13 +105,3 @@ def add_parser(sub) -> None:
     parser.add_argument("--opset", type=int, default=OPSET)
     parser.add_argument("--check-images", type=int, default=8, help="images compared with PyTorch (default 8)")
     parser.set_defaults(handler=cmd_export)
-
-
-def __getattr__(name: str):
-    # `bench` still imports these two from here; they moved to inference (the engines' home). Resolved on
-    # use so that importing this module for its options does not import torch.
-    if name in ("PixelModel", "onnx_scorer"):
-        from . import inference
-
-        return getattr(inference, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

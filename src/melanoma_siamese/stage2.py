@@ -26,7 +26,7 @@ def train_classifier(config: Config, encoder: Encoder, prepared: Prepared, devic
         log("[CLS] classifier.kind=head: using the stage-1 cross-entropy head as the classifier")
         return head.eval(), []
     emb = {part: torch.as_tensor(embed(encoder, prepared.array, prepared.rows(part), d.mean, d.std, device,
-                                       progress=config.runtime.progress, desc=f"Embedding {part}"))
+                                       progress=f"Embedding {part}" if config.runtime.progress else None))
            for part in ("train", "val")}
     labels = {part: torch.as_tensor(prepared.labels(part)) for part in ("train", "val")}
     weight = None
