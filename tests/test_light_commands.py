@@ -8,7 +8,8 @@ import pytest
 from melanoma_siamese import cli
 
 LIGHT = [["--help"], ["predict", "--help"], ["pair", "--help"], ["export", "--help"], ["serve", "--help"],
-         ["compare", "--help"], ["train", "--help"], ["evaluate", "--help"], ["predict", "--bogus"],
+         ["compare", "--help"], ["train", "--help"], ["evaluate", "--help"], ["bench", "--help"],
+         ["predict", "--bogus"],
          ["train", "--stage", "nonsense"]]
 
 
