@@ -133,7 +133,7 @@ def saliency_maps(run, pixels: np.ndarray, stage_name: Optional[str] = None) -> 
     the stage they were taken at (`stage_name`, e.g. "layer4", forces one; default: `choose_stage`)."""
     d = run.config.data
     stage, layer = choose_stage(run.encoder, pixels.shape[1], name=stage_name)
-    images = to_model_input(torch.from_numpy(np.ascontiguousarray(pixels)), d.mean, d.std, run.device)
+    images = to_model_input(torch.from_numpy(np.array(pixels, copy=True)), d.mean, d.std, run.device)
     return gradcam_maps(run.encoder, run.classifier, images, layer), stage
 
 
