@@ -56,6 +56,9 @@ def test_predict_with_onnxruntime_equals_torch(exported, tiny_data, tmp_path):
     folder.mkdir()
     for p in image_files(tiny_data)[:6]:
         shutil.copy(p, folder)
+    # An image unlike the training images: both engines must say so (the ONNX model outputs the embedding).
+    from PIL import Image
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "z.png")
     for engine in ("torch", "onnxruntime"):
         assert main(["predict", "--run", str(exported), str(folder), "--engine", engine, "--csv",
                      str(tmp_path / f"{engine}.csv")]) == 0
@@ -63,6 +66,8 @@ def test_predict_with_onnxruntime_equals_torch(exported, tiny_data, tmp_path):
     assert np.abs(a["probability"] - b["probability"]).max() < 1e-4
     assert np.abs(a["knn_probability"] - b["knn_probability"]).max() < 1e-4
     assert (a["decision"] == b["decision"]).all() and (a["neighbour_1_id"] == b["neighbour_1_id"]).all()
+    assert (a["unfamiliar"] == b["unfamiliar"]).all() and a["unfamiliar"].iloc[-1]
+    assert np.abs(a["unfamiliar_distance"] - b["unfamiliar_distance"]).max() < 1e-4
 
 
 def test_onnxruntime_engine_without_an_export_says_how(tiny_data, tmp_path_factory, tmp_path, capsys):
