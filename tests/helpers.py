@@ -4,6 +4,7 @@ Fixtures stay in conftest.py; plain functions and constants live here, where an 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +50,42 @@ def kaggle_dataset(root: Path, n: int = 40, melanoma_every: int = 4) -> Path:
         rows.append({"isic_id": image_id, "patient_id": f"IP_{i:04d}", "target": target})
     pd.DataFrame(rows).to_csv(root / "train-metadata.csv", index=False)
     return root
+
+
+@contextmanager
+def serve_process(run: Path, log_path: Path, *args: str):
+    """`melanoma-siamese serve` on a free loopback port in its own process, once its health check answers:
+    yields (the process, its base URL); ends it afterwards."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "melanoma_siamese", "serve", "--run", str(run), "--port",
+                                   str(port), "--quiet", *args], stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 120
+            while True:
+                assert server.poll() is None, Path(log_path).read_text()
+                try:
+                    if httpx.get(base + "/api/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.time() < deadline, "server did not start in 120 s"
+                time.sleep(0.5)
+            yield server, base
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(timeout=10)

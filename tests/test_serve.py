@@ -2,8 +2,6 @@
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +14,7 @@ from melanoma_siamese.cli import build_parser
 from melanoma_siamese.inference import Predictor, load_run, predict_paths
 from melanoma_siamese.serve import DEFAULT_MAX_UPLOAD_BYTES, create_app
 
-from helpers import HAM
+from helpers import HAM, serve_process
 from inference_run import image_files, png_header_only, shared_run
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`"),
@@ -149,47 +147,17 @@ def test_binds_127_0_0_1_by_default():
     assert build_parser().parse_args(["serve", "--run", "r"]).host == "127.0.0.1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_50_concurrent_requests_to_the_serve_command_equal_single_answers(run_dir, tiny_data, tmp_path):
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "melanoma_siamese", "serve", "--run", str(run_dir),
-                               "--port", str(port), "--quiet"], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=base, timeout=120) as http:
-            deadline = time.time() + 120
-            while True:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()
-                try:
-                    if http.get("/api/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.time() < deadline, "server did not start in 120 s"
-                time.sleep(0.5)
-            images = [p.read_bytes() for p in image_files(tiny_data)[:5]]
-            single = [upload(http, data).json() for data in images]
-            jobs = [i % len(images) for i in range(50)]
-            with ThreadPoolExecutor(max_workers=50) as pool:
-                answers = list(pool.map(lambda i: (i, upload(http, images[i])), jobs))
-        for i, answer in answers:
-            assert answer.status_code == 200
-            assert answer.json() == single[i]
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
-        log.close()
+    with serve_process(run_dir, tmp_path / "server.log") as (_, base), httpx.Client(base_url=base, timeout=120) as http:
+        images = [p.read_bytes() for p in image_files(tiny_data)[:5]]
+        single = [upload(http, data).json() for data in images]
+        jobs = [i % len(images) for i in range(50)]
+        with ThreadPoolExecutor(max_workers=50) as pool:
+            answers = list(pool.map(lambda i: (i, upload(http, images[i])), jobs))
+    for i, answer in answers:
+        assert answer.status_code == 200
+        assert answer.json() == single[i]
 
 
 @pytest.mark.slow

@@ -1,9 +1,6 @@
 """The server under a burst of huge uploads, against real uvicorn in its own process: memory stays bounded
 and falls back, the health check stays quick, every request gets an answer."""
 import io
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from helpers import serve_process
 from inference_run import shared_run
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -32,12 +30,6 @@ def _huge_png(side: int = 7874) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Watch:
@@ -72,34 +64,16 @@ def _burst(http: httpx.Client, pid: int, data: bytes, n: int, **params) -> tuple
 def test_twenty_62_megapixel_uploads_keep_memory_bounded_and_health_quick(tiny_data, tmp_path_factory, tmp_path):
     run = shared_run(tiny_data, tmp_path_factory)
     data = _huge_png()
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "melanoma_siamese", "serve", "--run", str(run), "--port",
-                               str(port), "--quiet"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-            deadline = time.time() + 120
-            while True:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()
-                try:
-                    if http.get("/api/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.time() < deadline, "server did not start in 120 s"
-                time.sleep(0.5)
-            # One request first: what a served model takes at rest (weights, index, warmed-up allocator).
-            assert http.post("/api/predict", files={"file": ("big.png", data, "image/png")},
-                             timeout=120).status_code == 200
-            start = _rss(server.pid)
-            plain, watch = _burst(http, server.pid, data, 20)
-            with_saliency, watch_saliency = _burst(http, server.pid, data, 20, saliency="true")
-            time.sleep(2)
-            after = _rss(server.pid)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+    with serve_process(run, tmp_path / "server.log") as (server, base), \
+            httpx.Client(base_url=base, timeout=60) as http:
+        # One request first: what a served model takes at rest (weights, index, warmed-up allocator).
+        assert http.post("/api/predict", files={"file": ("big.png", data, "image/png")},
+                         timeout=120).status_code == 200
+        start = _rss(server.pid)
+        plain, watch = _burst(http, server.pid, data, 20)
+        with_saliency, watch_saliency = _burst(http, server.pid, data, 20, saliency="true")
+        time.sleep(2)
+        after = _rss(server.pid)
     report = (f"start {start / MB:.0f} MB, peak {watch.peak / MB:.0f} / {watch_saliency.peak / MB:.0f} MB (with "
               f"saliency), after {after / MB:.0f} MB; slowest health {max(watch.health_seconds):.2f} / "
               f"{max(watch_saliency.health_seconds):.2f} s")
