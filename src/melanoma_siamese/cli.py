@@ -74,6 +74,9 @@ def build_parser(commands: Optional[Collection[str]] = None) -> argparse.Argumen
     the others are listed by name and help line."""
     parser = argparse.ArgumentParser(prog="melanoma-siamese", description=(
         "Siamese metric learning for melanoma vs benign on dermoscopic images: train, evaluate, compare."))
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"melanoma-siamese {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _own_commands(sub)
     wanted = {MODULE_COMMANDS[c][0] for c in (MODULE_COMMANDS if commands is None else commands)
