@@ -133,3 +133,23 @@ def test_labels_not_from_target_are_announced(columns, announced):
     labels, problems, warnings = derive_labels(table, "metadata.csv")
     assert list(labels) == [1, 0, 0] and not problems
     assert any(announced in w and "1 of 3 melanoma" in w for w in warnings)
+
+
+def test_ham10000_metadata_labels_from_dx_and_groups_by_lesion(tmp_path):
+    # HAM10000 as published: image_id, lesion_id, dx (codes: mel = melanoma), no target, no patient_id.
+    images = tmp_path / "images"
+    rows = [("ISIC_0000001", "HAM_1", "mel"), ("ISIC_0000002", "HAM_1", "mel"), ("ISIC_0000003", "HAM_2", "nv"),
+            ("ISIC_0000004", "HAM_3", "bkl")]
+    for image_id, _, _ in rows:
+        write_image(images / f"{image_id}.jpg")
+    csv = tmp_path / "HAM10000_metadata.csv"
+    pd.DataFrame(rows, columns=["image_id", "lesion_id", "dx"]).assign(dx_type="histo", age=50, sex="male",
+                                                                        localization="back").to_csv(csv, index=False)
+    dataset = read_dataset(None, csv, images)
+    table = dataset.table.set_index("isic_id")
+    assert table["target"].to_dict() == {"ISIC_0000001": 1, "ISIC_0000002": 1, "ISIC_0000003": 0, "ISIC_0000004": 0}
+    # Two images of one lesion share a group, so the split keeps them in one part.
+    assert table.loc["ISIC_0000001", "patient_id"] == table.loc["ISIC_0000002", "patient_id"]
+    assert table["patient_id"].nunique() == 3
+    assert any("labels from column(s) dx" in w for w in dataset.warnings)
+    assert any("grouped by 'lesion_id'" in w for w in dataset.warnings)

@@ -17,8 +17,10 @@ from ..errors import DataError, Problem  # noqa: F401  (re-exported)
 from ..inputs import IMAGE_EXTENSIONS
 
 ID_COLUMNS = ("isic_id", "image_name", "image_id", "id")
-DIAGNOSIS_COLUMNS = ("diagnosis_3", "diagnosis")
-ALL_DIAGNOSIS_COLUMNS = ("diagnosis_1", "diagnosis_2", "diagnosis_3", "diagnosis_4", "diagnosis_5", "diagnosis")
+DIAGNOSIS_COLUMNS = ("diagnosis_3", "diagnosis", "dx")
+ALL_DIAGNOSIS_COLUMNS = ("diagnosis_1", "diagnosis_2", "diagnosis_3", "diagnosis_4", "diagnosis_5", "diagnosis", "dx")
+# Diagnosis codes that mean melanoma where a column holds codes rather than words (HAM10000's `dx`).
+MELANOMA_CODES = ("mel",)
 BENIGN_MALIGNANT = {
     "malignant": 1,
     "benign": 0,
@@ -121,7 +123,8 @@ def derive_labels(table: pd.DataFrame, file: str) -> tuple[pd.Series, list[Probl
     present = [c for c in ALL_DIAGNOSIS_COLUMNS if c in table.columns]
     if not present:
         problems.append(Problem(file, "no label column; expected 'target' (0/1), 'benign_malignant', or the "
-                                "diagnosis columns isic-cli writes (diagnosis_1..diagnosis_3 or diagnosis); "
+                                "diagnosis columns isic-cli writes (diagnosis_1..diagnosis_3 or diagnosis), or "
+                                "HAM10000's dx; "
                                 f"columns found: {', '.join(map(str, table.columns))}", "target"))
         return labels, problems, warnings
     for i in table.index:
@@ -131,11 +134,13 @@ def derive_labels(table: pd.DataFrame, file: str) -> tuple[pd.Series, list[Probl
                                     "expected a diagnosis text (melanoma = 1, anything else = 0)",
                                     present[0], "<empty>"))
             continue
-        melanoma = any("melanoma" in texts.get(c, "").lower() for c in DIAGNOSIS_COLUMNS)
+        melanoma = any("melanoma" in texts.get(c, "").lower() or texts.get(c, "").lower() in MELANOMA_CODES
+                       for c in DIAGNOSIS_COLUMNS)
         labels[i] = int(melanoma)
     used = [c for c in DIAGNOSIS_COLUMNS if c in table.columns]
     warnings.append(f"{file}: no 'target' or 'benign_malignant' column; labels from column(s) "
-                    f"{', '.join(used) or ', '.join(present)}: a diagnosis containing 'melanoma' -> melanoma (1), any "
+                    f"{', '.join(used) or ', '.join(present)}: a diagnosis containing 'melanoma', or the code 'mel', -> "
+                    "melanoma (1), any "
                     f"other -> 0 ({int((labels == 1).sum())} of {len(labels)} melanoma)")
     return labels, problems, warnings
 
@@ -223,6 +228,11 @@ def _drop_listed_duplicates(table: pd.DataFrame, duplicates_file: Path) -> tuple
 def _patient_groups(table: pd.DataFrame, file: str) -> list[str]:
     """Fill patient_id in place; an image without one becomes its own group. Returns the warnings."""
     warnings = []
+    if "patient_id" not in table.columns and "lesion_id" in table.columns:
+        # HAM10000 and ISIC 2019 give no patient but several images of one lesion: those must share a part.
+        warnings.append(f"{file}: no 'patient_id' column; images are grouped by 'lesion_id' instead, so several "
+                        "images of one lesion never straddle parts (images of one patient still may)")
+        table["patient_id"] = table["lesion_id"].map(_text).map(lambda v: f"lesion:{v}" if v else "")
     if "patient_id" not in table.columns:
         warnings.append(f"{file}: no 'patient_id' column; every image is its own patient group, so images of one "
                         "patient may land in different parts of the split")
