@@ -267,3 +267,19 @@ def _report(frame: pd.DataFrame, metrics: dict, balanced_ids: np.ndarray, config
     k = metrics["knn"]["test"]
     log(f"kNN vote (k={config.evaluation.knn_k}) on test: ROC AUC {k['roc_auc']:.4f}, balanced accuracy "
         f"{100 * k['balanced_accuracy']:.2f}%")
+    _report_trust(metrics, log)
+
+
+def _report_trust(metrics: dict, log: Log) -> None:
+    """The calibration and the unfamiliar-image rule, in a line each."""
+    cal = metrics.get("calibration")
+    if cal and "test" in cal:
+        c = cal["test"]
+        log(f"Calibration ({cal['method']}, fitted on validation) on test: ECE {c['ece_before']:.3f} -> "
+            f"{c['ece_after']:.3f}, Brier {c['brier_before']:.3f} -> {c['brier_after']:.3f}; probabilities shown "
+            f"for a prevalence of {100 * cal['shown_at_prevalence']:.2f}% ({cal['shown_prevalence_source']}), "
+            f"threshold on that scale {cal['threshold_shown']:.4f}")
+    rule = metrics.get("unfamiliar")
+    if rule:
+        shares = ", ".join(f"{100 * v:.1f}% of {part}" for part, v in rule["flagged_share"].items())
+        log(f"Unfamiliar-image rule (cut at the validation {100 * rule['quantile']:g}th percentile): flags {shares}")
