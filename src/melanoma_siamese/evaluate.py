@@ -115,7 +115,7 @@ def _on_saved_split(run: LoadedRun, prepared: Prepared) -> tuple[pd.DataFrame, d
     folder.write_thresholds(thresholds)
     run.thresholds = folder.read_thresholds()
     run.index = RetrievalIndex(**folder.read_index())
-    run.trust = _fit_trust(config, val, ref_emb, embeddings["val"], folder)
+    run.trust = _fit_trust(run, val)
     folder.write_trust(run.trust)
     return frame, embeddings, thresholds
 
@@ -123,39 +123,40 @@ def _on_saved_split(run: LoadedRun, prepared: Prepared) -> tuple[pd.DataFrame, d
 def _write_index(folder: RunFolder, prepared: Prepared, train: pd.DataFrame, val: pd.DataFrame,
                  embeddings: tuple[np.ndarray, np.ndarray]) -> None:
     """The retrieval index: train and val embeddings, ids, labels, parts, and appearance descriptors."""
-    from .familiarity import appearance_features
-
-    rows = np.concatenate([train["row"].to_numpy(), val["row"].to_numpy()])
-    appearance = np.concatenate([appearance_features(np.asarray(prepared.array[rows[i:i + 512]]))
-                                 for i in range(0, len(rows), 512)])
+    appearance = _appearance(prepared.array, np.concatenate([train["row"].to_numpy(), val["row"].to_numpy()]))
     folder.write_index(np.concatenate(embeddings),
                        np.concatenate([train["isic_id"].to_numpy(), val["isic_id"].to_numpy()]),
                        np.concatenate([train["target"].to_numpy(), val["target"].to_numpy()]),
                        np.array(["train"] * len(train) + ["val"] * len(val)), appearance)
 
 
-def _fit_trust(config: Config, val: pd.DataFrame, train_emb: np.ndarray, val_emb: np.ndarray,
-               folder: RunFolder) -> dict:
+def _appearance(array: np.ndarray, rows: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """Appearance descriptors of cache rows, read a chunk at a time (a whole part may not fit in memory)."""
+    from .familiarity import appearance_features
+
+    return np.concatenate([appearance_features(np.asarray(array[rows[i:i + chunk]]))
+                           for i in range(0, max(len(rows), 1), chunk)])
+
+
+def _fit_trust(run: LoadedRun, val: pd.DataFrame) -> dict:
     """What makes an answer readable, fitted on the validation part: the calibration of the classifier's
-    score, the unfamiliar-image cut, and whether the run was trained on generated images."""
-    from . import calibration, familiarity
+    score, how the unfamiliar-image cuts were chosen, and whether the run was trained on generated images."""
+    from . import calibration
     from .data.synth import is_generated
     from .errors import ConfigError
 
-    e = config.evaluation
-    record = {"trained_on_generated_images": is_generated(folder.source().get("data"))}
+    record = {"trained_on_generated_images": is_generated(run.folder.source().get("data"))}
     try:
         record["calibration"] = calibration.fit(val["target"].to_numpy(), val["prob_melanoma"].to_numpy(),
-                                                e.calibration).to_dict()
+                                                run.config.evaluation.calibration).to_dict()
     except ConfigError as exc:
         record["calibration_skipped"] = str(exc)
     try:
-        record["unfamiliar"] = familiarity.fit(train_emb, val_emb, e.unfamiliar_k, e.unfamiliar_quantile).record()
-        index = folder.read_index()
-        parts = index["parts"]
-        record["unfamiliar_appearance"] = {**familiarity.fit(
-            index["appearance"][parts == "train"], index["appearance"][parts == "val"], e.unfamiliar_k,
-            e.unfamiliar_quantile).record(), "method": "the same, on appearance_features (texture histograms)"}
+        if run.familiarity is None:
+            raise ConfigError("unfamiliar-image detection needs validation images")
+        record["unfamiliar"] = run.familiarity.record()
+        record["unfamiliar_appearance"] = {**run.appearance_rule.record(),
+                                           "method": "the same, on appearance_features (texture histograms)"}
     except ConfigError as exc:
         record["unfamiliar_skipped"] = str(exc)
     return record
@@ -185,19 +186,13 @@ def _trust_metrics(run: LoadedRun, frame: pd.DataFrame, embeddings: dict, array:
 
 def _flagged_shares(run: LoadedRun, frame: pd.DataFrame, embeddings: dict, array: np.ndarray) -> dict:
     """Share of each scored part the unfamiliar-image rule flags (the embedding's, or the appearance's, cut)."""
-    from .familiarity import appearance_features
+    from .inference import unfamiliar_flags
 
     shares = {}
     for part, emb in embeddings.items():
-        if not len(emb):
-            continue
-        flag = run.familiarity.assess(emb)["unfamiliar"]
-        if run.appearance_rule is not None:
+        if len(emb):
             rows = frame.loc[frame["part"] == part, "row"].to_numpy()
-            looks = np.concatenate([appearance_features(np.asarray(array[rows[i:i + 512]]))
-                                    for i in range(0, len(rows), 512)])
-            flag = flag | run.appearance_rule.assess(looks)["unfamiliar"]
-        shares[part] = float(flag.mean())
+            shares[part] = float(unfamiliar_flags(run, emb, _appearance(array, rows))[2].mean())
     return shares
 
 

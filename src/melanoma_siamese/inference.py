@@ -89,25 +89,23 @@ class LoadedRun:
 
     @cached_property
     def familiarity(self):
-        """The unfamiliar-image rule, rebuilt from the index (the same cut `evaluate` recorded)."""
-        from .familiarity import from_index
-
-        if self.index is None or not (self.index.parts == "val").any():
-            return None
-        e = self.config.evaluation
-        return from_index(self.index.embeddings, self.index.parts, e.unfamiliar_k, e.unfamiliar_quantile)
+        """The unfamiliar-image rule on the embedding, rebuilt from the index (the cut `evaluate` recorded)."""
+        return None if self.index is None else self._rule(self.index.embeddings)
 
     @cached_property
     def appearance_rule(self):
         """The same rule on appearance descriptors: an encoder trained to separate two classes can map a photo
         unlike its training images right beside them, while its texture still differs."""
+        return None if self.index is None or self.index.appearance is None else self._rule(self.index.appearance)
+
+    def _rule(self, features: np.ndarray):
         from .familiarity import fit
 
-        if self.index is None or self.index.appearance is None or not (self.index.parts == "val").any():
+        parts = self.index.parts
+        if not (parts == "val").any():
             return None
-        e, parts = self.config.evaluation, self.index.parts
-        return fit(self.index.appearance[parts == "train"], self.index.appearance[parts == "val"],
-                   e.unfamiliar_k, e.unfamiliar_quantile)
+        e = self.config.evaluation
+        return fit(features[parts == "train"], features[parts == "val"], e.unfamiliar_k, e.unfamiliar_quantile)
 
     @property
     def generated(self) -> bool:
@@ -238,6 +236,17 @@ def shown_probability(run: LoadedRun, scores: np.ndarray, prevalence: Optional[f
     return {**displayed(run.calibration, scores, raw_threshold, prevalence), "calibrated": True}
 
 
+def unfamiliar_flags(run: LoadedRun, embeddings: np.ndarray, appearance: np.ndarray) -> tuple[dict, dict, np.ndarray]:
+    """The embedding's and the appearance's assessments (familiarity.Familiarity.assess) of images the run's
+    rules exist for, and the flag: unfamiliar by either."""
+    found = run.familiarity.assess(embeddings)
+    if run.appearance_rule is None:
+        looks = {"unfamiliar": np.zeros(len(embeddings), dtype=bool), "percentile": [None] * len(embeddings)}
+    else:
+        looks = run.appearance_rule.assess(appearance)
+    return found, looks, found["unfamiliar"] | looks["unfamiliar"]
+
+
 def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray, pixels: np.ndarray) -> list[dict]:
     """Per image: distance to the nearest training images and its percentile among validation images, in the
     embedding and in appearance; flagged when either is beyond its cut."""
@@ -247,9 +256,7 @@ def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray, pixels: np.ndarra
     if rule is None:
         return [{"flag": False, "distance": None, "percentile": None, "cut": None, "appearance_flag": False,
                  "reason": "this run has no validation images in its index to judge familiarity"}] * len(embeddings)
-    found = rule.assess(embeddings)
-    looks = (run.appearance_rule.assess(appearance_features(pixels)) if run.appearance_rule is not None
-             else {"unfamiliar": np.zeros(len(embeddings), dtype=bool), "percentile": [None] * len(embeddings)})
+    found, looks, flags = unfamiliar_flags(run, embeddings, appearance_features(pixels))
     out = []
     for i, (distance, percentile) in enumerate(zip(found["distance"], found["percentile"])):
         reasons = []
@@ -260,7 +267,7 @@ def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray, pixels: np.ndarra
         if looks["unfamiliar"][i]:
             reasons.append(f"its texture is unlike the training images' (farther than {looks['percentile'][i]:.0f}% "
                            "of validation images)")
-        out.append({"flag": bool(reasons), "distance": float(distance), "percentile": float(percentile),
+        out.append({"flag": bool(flags[i]), "distance": float(distance), "percentile": float(percentile),
                     "cut": float(rule.cut), "appearance_flag": bool(looks["unfamiliar"][i]),
                     "reason": ("In the model's terms, " + "; and ".join(reasons) + ".") if reasons else ""})
     return out
