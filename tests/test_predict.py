@@ -202,3 +202,12 @@ def test_prevalence_moves_the_probability_and_its_threshold_together(run, tiny_d
         assert (a["probability"] >= a["threshold"]) == (a["decision"] == "melanoma")
     with pytest.raises(Exception, match="between 0 and 1"):
         Predictor(run, prevalence=1.5)
+
+
+def test_terminal_probability_shows_which_side_of_the_threshold_it_is():
+    from melanoma_siamese.predict import _beside
+
+    assert _beside(0.5, 0.2) == "0.5000"
+    assert _beside(0.278812, 0.278834) == "0.27881"  # 0.2788 beside a 0.2788 threshold would hide the order
+    assert _beside(0.2, 0.2) == "0.2000"
+    assert _beside(0.3 - 1e-12, 0.3).endswith("-") and _beside(0.3 + 1e-12, 0.3).endswith("+")

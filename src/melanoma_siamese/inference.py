@@ -219,6 +219,11 @@ class Predictor:
                               f"{run.path} --format onnx`")
         self.score = onnx_scorer(Path(path))
 
+    @property
+    def threshold(self) -> float:
+        """The decision threshold on the scale of the probabilities this predictor shows."""
+        return float(shown_probability(self.run, [self.run.thresholds.classifier], self.prevalence)["threshold"])
+
     def answers(self, pixels: np.ndarray, neighbours: int = DEFAULT_NEIGHBOURS) -> list[dict]:
         return describe(self.run, pixels, self.score(pixels), neighbours, self.prevalence, self.prevalence_source)
 
@@ -254,7 +259,8 @@ def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray, pixels: np.ndarra
 
     rule = run.familiarity
     if rule is None:
-        return [{"flag": False, "distance": None, "percentile": None, "cut": None, "appearance_flag": False,
+        return [{"flag": False, "distance": None, "percentile": None, "cut": None, "embedding_flag": False,
+                 "appearance_flag": False,
                  "reason": "this run has no validation images in its index to judge familiarity"}] * len(embeddings)
     found, looks, flags = unfamiliar_flags(run, embeddings, appearance_features(pixels))
     out = []
@@ -268,7 +274,8 @@ def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray, pixels: np.ndarra
             reasons.append(f"its texture is unlike the training images' (farther than {looks['percentile'][i]:.0f}% "
                            "of validation images)")
         out.append({"flag": bool(flags[i]), "distance": float(distance), "percentile": float(percentile),
-                    "cut": float(rule.cut), "appearance_flag": bool(looks["unfamiliar"][i]),
+                    "cut": float(rule.cut), "embedding_flag": bool(found["unfamiliar"][i]),
+                    "appearance_flag": bool(looks["unfamiliar"][i]),
                     "reason": ("In the model's terms, " + "; and ".join(reasons) + ".") if reasons else ""})
     return out
 
@@ -310,7 +317,9 @@ def flat_row(path: Path, result: Optional[dict], reason: str = "", saliency: str
         row.update({k: result[k] for k in ("probability", "decision", "threshold", "prevalence", "score",
                                            "score_threshold")})
         u = result["unfamiliar"]
-        row.update({"unfamiliar": u["flag"], "unfamiliar_distance": u["distance"],
+        by = [name for name, flagged in (("embedding", u["embedding_flag"]), ("texture", u["appearance_flag"]))
+              if flagged]
+        row.update({"unfamiliar": u["flag"], "unfamiliar_by": "+".join(by), "unfamiliar_distance": u["distance"],
                     "unfamiliar_percentile": u["percentile"]})
         row.update({k: result[k] for k in ("knn_probability", "knn_decision", "knn_threshold",
                                            "trained_on_generated_images")})

@@ -14,21 +14,30 @@ from .errors import ConfigError, ImageRejected
 from .inputs import DEFAULT_MAX_PIXELS
 
 
+def _beside(p: float, threshold: float) -> str:
+    """A probability printed beside its threshold with the decimals it takes to see which is larger (as the
+    page does): 0.2788 above a 0.2788 threshold would read as a bug."""
+    for digits in range(4, 9):
+        if f"{p:.{digits}f}" != f"{threshold:.{digits}f}" or p == threshold:
+            return f"{p:.{digits}f}"
+    return f"{p:.8f}" + ("-" if p < threshold else "+")
+
+
 def _terminal_table(rows: list[dict], neighbours: int) -> str:
-    lines = [f"{'path':<40} {'P(melanoma)':>11}  {'decision':<12} {'familiar?':<22} {'kNN vote':>8}  "
+    lines = [f"{'path':<40} {'P(melanoma)':>11}  {'decision':<12} {'familiar?':<30} {'kNN vote':>8}  "
              "nearest training images (id label distance)"]
     for r in rows:
         path = r["path"] if len(r["path"]) <= 40 else "..." + r["path"][-37:]
         if r["status"] != "ok":
-            lines.append(f"{path:<40} {'-':>11}  {'FAILED':<12} {'-':<22} {'-':>8}  {r['reason']}")
+            lines.append(f"{path:<40} {'-':>11}  {'FAILED':<12} {'-':<30} {'-':>8}  {r['reason']}")
             continue
         near = ", ".join(f"{r[f'neighbour_{n}_id']} {'mel' if r[f'neighbour_{n}_label'] else 'ben'} "
                          f"{r[f'neighbour_{n}_distance']:.3f}" for n in range(1, neighbours + 1)
                          if f"neighbour_{n}_id" in r)
-        familiar = ("-" if r["unfamiliar_percentile"] is None else
-                    f"{'UNFAMILIAR' if r['unfamiliar'] else 'yes'} (pct {r['unfamiliar_percentile']:.0f})")
-        lines.append(f"{path:<40} {r['probability']:>11.4f}  {r['decision']:<12} {familiar:<22} "
-                     f"{r['knn_probability']:>8.3f}  {near}")
+        familiar = ("-" if r["unfamiliar_percentile"] is None else f"UNFAMILIAR ({r['unfamiliar_by']})"
+                    if r["unfamiliar"] else f"yes (pct {r['unfamiliar_percentile']:.0f})")
+        shown = _beside(r["probability"], r["threshold"])
+        lines.append(f"{path:<40} {shown:>11}  {r['decision']:<12} {familiar:<30} {r['knn_probability']:>8.3f}  {near}")
     return "\n".join(lines)
 
 
@@ -45,20 +54,14 @@ def _header(predictor) -> list[str]:
     else:
         lines.append("P(melanoma): the classifier's raw score (this run has no calibration; `evaluate --run RUN` "
                      "fits one): a score, not a risk.")
-    lines.append(f"Threshold on that scale: {rows_threshold(predictor):.4f} ({run.thresholds.source}); kNN vote of "
+    lines.append(f"Threshold on that scale: {predictor.threshold:.4f} ({run.thresholds.source}); kNN vote of "
                  f"k={run.config.evaluation.knn_k} training images, threshold {run.thresholds.knn:.4f}.")
     rule = run.familiarity
     if rule is not None:
-        lines.append(f"Unfamiliar: mean distance to the {rule.k} nearest training images above {rule.cut:.4f}, the "
-                     f"{100 * rule.quantile:g}th percentile of validation images (pct = that percentile).")
+        lines.append(f"Unfamiliar: mean distance to the {rule.k} nearest training images above {rule.cut:.4f} (the "
+                     f"{100 * rule.quantile:g}th percentile of validation images), or a texture as far from the "
+                     "training images'; pct = the share of validation images as close or closer.")
     return lines
-
-
-def rows_threshold(predictor) -> float:
-    from .inference import shown_probability
-
-    return float(shown_probability(predictor.run, [predictor.run.thresholds.classifier],
-                                   predictor.prevalence)["threshold"])
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
