@@ -321,3 +321,18 @@ def test_browser_uploads_an_image_and_sees_the_apis_answer(app, tiny_data, tmp_p
     assert answer_top < image_top  # on a phone the answer comes first
     assert real is None or real_warning  # where the real sample is here: flagged, beside the generated-data note
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_without_the_grad_cam_package_the_answer_says_there_is_no_map(run_dir, monkeypatch):
+    import importlib.util
+
+    import numpy as np
+
+    from melanoma_siamese.serve import Service
+
+    service = Service(load_run(run_dir, "cpu"), DEFAULT_MAX_UPLOAD_BYTES)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pytorch_grad_cam" else real(name, *a))
+    png, note = service.saliency(np.zeros((1, 32, 32, 3), np.uint8))
+    assert png is None and "not installed" in note

@@ -64,9 +64,12 @@ class Service:
 
     def saliency(self, pixels: np.ndarray) -> tuple[Optional[str], str]:
         """The Grad-CAM overlay as a PNG data URL, and a caption saying what it shows at this run's size."""
-        try:
-            from .saliency import saliency_with_stage
-        except ImportError:  # Grad-CAM is an optional extra
+        from importlib.util import find_spec
+
+        from .saliency import saliency_with_stage
+
+        # Grad-CAM is an optional extra, imported by saliency only when a map is drawn.
+        if find_spec("pytorch_grad_cam") is None:
             return None, "No saliency map: the Grad-CAM package is not installed on this server."
         with self.saliency_lock:
             found = saliency_with_stage(self.saliency_run, pixels)
