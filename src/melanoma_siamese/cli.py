@@ -226,14 +226,13 @@ def keep_freed_memory() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    first = next((word for word in argv if not word.startswith("-")), None)
-    if first in TRAINING_COMMANDS:
+    args = build_parser(named_command(argv)).parse_args(argv)
+    if args.command in TRAINING_COMMANDS:
         # Right for training's large, repeated batch tensors; wrong for a server, whose memory must fall
         # back after a burst, and pointless for the rest.
         keep_freed_memory()
-    elif first == "serve":
+    elif args.command == "serve":
         return_freed_memory()
-    args = build_parser(named_command(argv)).parse_args(argv)
     try:
         return args.handler(args)
     except Interrupted as exc:
