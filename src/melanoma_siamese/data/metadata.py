@@ -127,6 +127,14 @@ def derive_labels(table: pd.DataFrame, file: str) -> tuple[pd.Series, list[Probl
                                 "HAM10000's dx; "
                                 f"columns found: {', '.join(map(str, table.columns))}", "target"))
         return labels, problems, warnings
+    return _labels_from_diagnosis(table, file, present, labels)
+
+
+def _labels_from_diagnosis(table: pd.DataFrame, file: str, present: list[str],
+                           labels: pd.Series) -> tuple[pd.Series, list[Problem], list[str]]:
+    """Melanoma = a diagnosis text naming melanoma, or the code 'mel' (HAM10000's dx); anything else 0."""
+    problems: list[Problem] = []
+    ids = table["isic_id"].astype(str)
     for i in table.index:
         texts = {c: _text(table.at[i, c]) for c in present}
         if not any(texts.values()):
@@ -138,11 +146,10 @@ def derive_labels(table: pd.DataFrame, file: str) -> tuple[pd.Series, list[Probl
                        for c in DIAGNOSIS_COLUMNS)
         labels[i] = int(melanoma)
     used = [c for c in DIAGNOSIS_COLUMNS if c in table.columns]
-    warnings.append(f"{file}: no 'target' or 'benign_malignant' column; labels from column(s) "
-                    f"{', '.join(used) or ', '.join(present)}: a diagnosis containing 'melanoma', or the code 'mel', -> "
-                    "melanoma (1), any "
-                    f"other -> 0 ({int((labels == 1).sum())} of {len(labels)} melanoma)")
-    return labels, problems, warnings
+    warning = (f"{file}: no 'target' or 'benign_malignant' column; labels from column(s) "
+               f"{', '.join(used) or ', '.join(present)}: a diagnosis containing 'melanoma', or the code 'mel', -> "
+               f"melanoma (1), any other -> 0 ({int((labels == 1).sum())} of {len(labels)} melanoma)")
+    return labels, problems, [warning]
 
 
 def _find_image(image_dir: Path, image_id: str, listing: dict[str, Path]) -> Optional[Path]:
