@@ -34,24 +34,7 @@ status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 # Merge: run folders side by side, runs.csv rows concatenated; compare then trains nothing.
 for name in gpu-ham gpu-ham-5pct; do
-  mkdir -p "$RUNS/$name"
-  $PY - "$RUNS" "$name" "${SEEDS[@]}" <<'PYEOF'
-import shutil, sys
-from pathlib import Path
-import pandas as pd
-runs, name, seeds = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-frames = []
-for seed in seeds:
-    part = runs / "parts" / f"{name}-seed{seed}"
-    if (part / "runs.csv").is_file():
-        frames.append(pd.read_csv(part / "runs.csv"))
-        for run in part.glob("*/seed*"):
-            target = runs / name / run.parent.name / run.name
-            if not target.exists():
-                shutil.copytree(run, target)
-if frames:
-    pd.concat(frames, ignore_index=True).to_csv(runs / name / "runs.csv", index=False)
-PYEOF
+  $PY experiments/merge_parts.py "$RUNS/$name" "${SEEDS[@]/#/$RUNS/parts/$name-seed}"
 done
 $PY -m melanoma_siamese compare --data "$DATA" --configs "${CONFIGS[@]}" --seeds "${SEEDS[@]}" --out "$RUNS/gpu-ham" \
   --table-only "${NATURAL[@]}" "${COMMON[@]}" || status=1

@@ -53,9 +53,9 @@ def kaggle_dataset(root: Path, n: int = 40, melanoma_every: int = 4) -> Path:
 
 
 @contextmanager
-def serve_process(run: Path, log_path: Path, *args: str):
+def serve_process(run: Path, log_path: Path, *args: str, launcher: tuple[str, ...] = ("-m", "melanoma_siamese")):
     """`melanoma-siamese serve` on a free loopback port in its own process, once its health check answers:
-    yields (the process, its base URL); ends it afterwards."""
+    yields (the process, its base URL); ends it afterwards. `launcher`: what follows the Python binary."""
     import socket
     import subprocess
     import sys
@@ -67,7 +67,7 @@ def serve_process(run: Path, log_path: Path, *args: str):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "melanoma_siamese", "serve", "--run", str(run), "--port",
+        server = subprocess.Popen([sys.executable, *launcher, "serve", "--run", str(run), "--port",
                                    str(port), "--quiet", *args], stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:

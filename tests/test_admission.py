@@ -46,3 +46,25 @@ def test_admission_releases_its_slot_when_the_work_fails():
             return gate.working
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_on_idle_is_called_only_when_the_last_request_leaves():
+    async def scenario():
+        idle = []
+        gate = Admission(limit=2, queue=2, on_idle=lambda: idle.append((gate.working, gate.waiting)))
+        release = asyncio.Event()
+
+        async def request():
+            async with gate.slot():
+                await release.wait()
+
+        tasks = [asyncio.create_task(request()) for _ in range(4)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(*tasks)
+        async with gate.slot():
+            pass
+        return idle
+
+    assert asyncio.run(scenario()) == [(0, 0), (0, 0)]  # once after the burst of four, once after the single one

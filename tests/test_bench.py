@@ -9,7 +9,8 @@ from melanoma_siamese.bench import TimedBatches
 from melanoma_siamese.cli import main
 
 TINY = ["--images", "48", "--size", "64", "--backbone", "resnet18", "--pipeline-images", "96", "--pass-images", "8",
-        "--embed-batch", "8", "--embed-batches", "1", "--memory-steps", "1", "--memory-batch", "8"]
+        "--embed-batch", "8", "--embed-batches", "1", "--memory-steps", "1", "--memory-batch", "8",
+        "--predict-images", "16", "--predict-batch", "8", "--serve-requests", "8"]
 
 
 def test_bench_reports_every_measurement(tmp_path, capsys):
@@ -21,7 +22,12 @@ def test_bench_reports_every_measurement(tmp_path, capsys):
     rows = {row["name"].split(",")[0].split(" at ")[0]: row for row in report["rows"]}
     assert set(rows) == {"cache build (decode every JPEG once)", "input pipeline", "backbone passes per training "
                          "image per epoch", "embedding extraction vs model-only forward", "anonymous RSS",
-                         "per-image CPU latency"}
+                         "per-image CPU latency", "predict on 16 JPEG files vs model-only", "serve",
+                         "serve p95 latency"}
+    engines = [r["name"].split(", ")[1] for r in report["rows"] if r["name"].startswith("predict on")]
+    assert engines == ["torch", "onnxruntime"]
+    clients = [r["name"].split(", ")[1] for r in report["rows"] if r["name"].startswith("serve, ")]
+    assert clients == ["1 concurrent client(s)", "8 concurrent client(s)", "32 concurrent client(s)"]
     latency = rows["per-image CPU latency"]
     assert latency["unit"] == "ms" and latency["passed"] is None
     for row in report["rows"]:
@@ -56,3 +62,23 @@ def test_timed_batches_count_only_after_warmup():
     list(empty)
     with pytest.raises(RuntimeError, match="warm-up"):
         empty.rate
+
+
+@pytest.mark.slow
+def test_gpu_bench_code_path_runs_on_a_cpu(tmp_path, monkeypatch):
+    """bench --gpu's measurements, tried on the CPU (no GPU here): every row is made and finite."""
+    import melanoma_siamese.bench as bench
+    from melanoma_siamese.cli import build_parser
+
+    monkeypatch.setattr(bench, "GPU_WARMUP", 2)
+    args = build_parser(["bench"]).parse_args(
+        ["bench", "--gpu", "--size", "32", "--backbone", "resnet18", "--gpu-images", "64", "--gpu-batch", "16",
+         "--gpu-reference-batches", "1", "--predict-images", "16", "--predict-batch", "8", "--serve-requests", "8",
+         "--no-compile"])
+    rows = bench.run_gpu(args, tmp_path, 1, torch.device("cpu"))
+    names = [r.name for r in rows]
+    assert "distinct training images/s, ours vs the reference's way" in names
+    assert any(n.startswith("predict on 16 JPEG files vs model-only, torch, CPU") for n in names)
+    assert sum(n.startswith("serve") for n in names) == 4
+    for r in rows:
+        assert r.ours is None or math.isfinite(r.ours), r

@@ -80,3 +80,11 @@ def test_trust_keys_have_stated_defaults_and_are_checked():
                        ("evaluation.unfamiliar_quantil=0.9", "valid keys")):
         with pytest.raises(ConfigError, match=match):
             load_config(None, [bad])
+
+
+@pytest.mark.parametrize("value", ["timm:", "timm: "])
+def test_a_timm_prefix_without_a_name_is_refused_when_the_configuration_loads(value):
+    with pytest.raises(ConfigError, match="model.backbone: expected a name"):
+        load_config(None, [f"model.backbone={value}"])
+    with pytest.raises(ConfigError, match="names no timm model"):
+        load_config(None, ["model.backbone='timm: '"])

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -80,8 +81,11 @@ def _rank(rank, world, port, out):
     import torch
     import torch.distributed as dist
 
+    from datetime import timedelta
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A collective one rank never joins fails after this long instead of waiting gloo's default 30 minutes.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         emb, labels = _batch()
         share = slice(rank * 8, rank * 8 + 8)  # each rank holds half of the batch, as DDP gives it
@@ -106,7 +110,15 @@ def test_two_ranks_mine_the_global_batch(tmp_path):
     import torch
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    # Bounded: once under heavy load (torch 2.2) one rank waited forever after the other had finished.
+    ranks = mp.spawn(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the two gloo ranks did not finish within 240 s: " +
+                        ", ".join(f"rank {r} exit code {p.exitcode}" for r, p in enumerate(ranks.processes)))
     emb, labels = _batch()
     whole = [_loss_and_grad(_objective(loss, mining, 1), emb, labels) for loss, mining in RECIPES]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]

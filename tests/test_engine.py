@@ -171,10 +171,10 @@ def test_embed_tta_and_order():
     encoder = Encoder("resnet18", "none", 16)
     array = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
     rows = np.array([4, 1, 3])
-    plain = embed(encoder, array, rows, 0.5, 0.5, torch.device("cpu"), batch_size=2)
-    single = embed(encoder, array, np.array([3]), 0.5, 0.5, torch.device("cpu"))
+    plain = embed(encoder, array, rows, 0.5, 0.5, batch_size=2)
+    single = embed(encoder, array, np.array([3]), 0.5, 0.5)
     assert np.allclose(plain[2], single[0], atol=1e-5)
-    tta = embed(encoder, array, rows, 0.5, 0.5, torch.device("cpu"), tta=True)
+    tta = embed(encoder, array, rows, 0.5, 0.5, tta=True)
     assert np.allclose(np.linalg.norm(tta, axis=1), 1, atol=1e-5) and not np.allclose(tta, plain)
 
 

@@ -130,9 +130,9 @@ def test_labels_not_from_target_are_announced(columns, announced):
     from melanoma_siamese.data.metadata import derive_labels
 
     table = pd.DataFrame({"isic_id": ["a", "b", "c"], **columns})
-    labels, problems, warnings = derive_labels(table, "metadata.csv")
-    assert list(labels) == [1, 0, 0] and not problems
-    assert any(announced in w and "1 of 3 melanoma" in w for w in warnings)
+    labels = derive_labels(table, "metadata.csv")
+    assert list(labels.values) == [1, 0, 0] and not labels.problems
+    assert announced in labels.rule and "1 of 3 melanoma" in labels.rule
 
 
 def test_ham10000_metadata_labels_from_dx_and_groups_by_lesion(tmp_path):
@@ -151,5 +151,5 @@ def test_ham10000_metadata_labels_from_dx_and_groups_by_lesion(tmp_path):
     # Two images of one lesion share a group, so the split keeps them in one part.
     assert table.loc["ISIC_0000001", "patient_id"] == table.loc["ISIC_0000002", "patient_id"]
     assert table["patient_id"].nunique() == 3
-    assert any("labels from column(s) dx" in w for w in dataset.warnings)
+    assert "labels from column(s) dx" in dataset.labels_rule
     assert any("grouped by 'lesion_id'" in w for w in dataset.warnings)

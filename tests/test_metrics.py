@@ -61,6 +61,28 @@ def test_bootstrap_contains_estimate_and_narrows():
     assert width(big) < width(small) / 2
 
 
+def test_bootstrap_rates_match_a_brute_force_resampling():
+    """Sensitivity, specificity and balanced accuracy intervals equal sklearn's scores on the same patient
+    resamples (the same seed draws the same patients)."""
+    y, p, g = _data(120, seed=4)
+    got = bootstrap_ci(y, p, g, 0.4, n_boot=60, seed=2)
+    rng = np.random.default_rng(2)
+    uniq, inverse = np.unique(g, return_inverse=True)
+    sens, spec, bacc = [], [], []
+    for _ in range(60):
+        idx = np.concatenate([np.flatnonzero(inverse == k) for k in rng.integers(0, len(uniq), len(uniq))])
+        if y[idx].min() == y[idx].max():
+            continue
+        pred = (p[idx] >= 0.4).astype(int)
+        sens.append(skm.recall_score(y[idx], pred))
+        spec.append(skm.recall_score(1 - y[idx], 1 - pred))
+        bacc.append(skm.balanced_accuracy_score(y[idx], pred))
+    for name, values in (("sensitivity", sens), ("specificity", spec), ("balanced_accuracy", bacc)):
+        assert got[f"{name}_ci"] == pytest.approx(list(np.percentile(values, [2.5, 97.5])))
+    observed = ((p >= 0.4)[y == 1]).mean()
+    assert got["sensitivity_ci"][0] <= observed <= got["sensitivity_ci"][1]
+
+
 def test_paired_bootstrap_sign():
     y, p, g = _data(300)
     noisy = np.clip(p + np.random.default_rng(3).normal(0, 0.3, len(p)), 0, 1)

@@ -1,6 +1,7 @@
 """predict and pair on a tiny trained run: numbers against the run's own evaluation, bad files, saliency."""
 import json
 import shutil
+import sys
 
 import numpy as np
 import pandas as pd
@@ -85,7 +86,7 @@ def test_bad_files_get_a_row_with_the_reason_and_a_nonzero_exit(run_dir, tiny_da
     assert "does not exist" in reasons["absent.jpg"]
 
 
-def test_csv_list_batches_and_progress_bar(run, run_dir, tiny_data, tmp_path, capsys):
+def test_csv_list_batches_and_progress_bar(run, run_dir, tiny_data, tmp_path, capsys, monkeypatch):
     paths = image_files(tiny_data)[:10]
     listing = tmp_path / "list.csv"
     pd.DataFrame({"path": [str(p) for p in paths[:5]] + [p.name for p in paths[5:]]}).to_csv(listing, index=False)
@@ -93,6 +94,7 @@ def test_csv_list_batches_and_progress_bar(run, run_dir, tiny_data, tmp_path, ca
         shutil.copy(p, tmp_path)  # relative entries are read beside the CSV
     assert expand_inputs([listing]) == paths[:5] + [tmp_path / p.name for p in paths[5:]]
     out = tmp_path / "out.csv"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: the bar shows (progress.bar_disable)
     assert main(["predict", "--run", str(run_dir), str(listing), "--csv", str(out), "--batch-size", "3"]) == 0
     assert "Predicting" in capsys.readouterr().err
     batched = pd.read_csv(out)["probability"].to_numpy()

@@ -75,3 +75,22 @@ def test_gpu_experiment_script_commands_parse(tmp_path):
         args = build_parser().parse_args(words[2:])
         assert args.configs[0] == "configs/default.yaml" and args.device == "cuda"
     assert sum("--table-only" in line for line in lines) == 2
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_clinical_comparison_script_commands_parse(tmp_path, device):
+    """Issue 11's comparison: four recipes (metadata, image only, the 5-fold ensemble, plain CE) per seed."""
+    import subprocess
+
+    out = subprocess.run(["bash", str(ROOT / "experiments" / "compare_ham_clinical.sh")], capture_output=True,
+                         text=True, env={"PY": "echo", "RUNS": str(tmp_path), "SEEDS": "0 1", "DEVICE": device,
+                                         "PATH": "/usr/bin:/bin"}, cwd=ROOT, check=True)
+    lines = [p.read_text() for p in sorted((tmp_path / "parts").glob("*.log"))]
+    lines += [line for line in out.stdout.splitlines() if "compare" in line]
+    assert len(lines) == 3 and sum("--table-only" in line for line in lines) == 1
+    for line in lines:
+        args = build_parser().parse_args(shlex.split(line)[2:])
+        assert args.configs == ["configs/default-clinical.yaml", "configs/default.yaml",
+                                "configs/default-clinical-5fold.yaml", "configs/plain-ce.yaml"]
+        assert args.device == device
+        assert ("data.image_size=128" in args.overrides) == (device == "cuda")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, Optional
 
 
 class Busy(Exception):
@@ -20,10 +20,11 @@ class Busy(Exception):
 
 
 class Admission:
-    def __init__(self, limit: int, queue: int, retry_after: int = 2):
+    def __init__(self, limit: int, queue: int, retry_after: int = 2, on_idle: Optional[Callable[[], None]] = None):
+        """`on_idle`: called each time the last request in work leaves and none waits."""
         if limit < 1 or queue < 0:
             raise ValueError("limit must be at least 1 and queue at least 0")
-        self.limit, self.queue, self.retry_after = limit, queue, retry_after
+        self.limit, self.queue, self.retry_after, self.on_idle = limit, queue, retry_after, on_idle
         self.waiting = 0
         self.working = 0
         self._semaphore: asyncio.Semaphore | None = None
@@ -50,6 +51,8 @@ class Admission:
         finally:
             self.working -= 1
             self.semaphore.release()
+            if self.on_idle is not None and self.working == 0 and self.waiting == 0:
+                self.on_idle()
 
     def state(self) -> dict:
         return {"working": self.working, "waiting": self.waiting, "limit": self.limit, "queue": self.queue}

@@ -49,6 +49,13 @@ def add_parser(sub) -> None:
                         "the model-only step (the reference uses its own 32 triplets)")
     parser.add_argument("--gpu-reference-batches", type=int, default=60,
                         help="--gpu: timed batches of the reference's way")
+    parser.add_argument("--predict-images", type=int, default=1000,
+                        help="JPEG files `predict` reads in the prediction row (the generated ones, repeated)")
+    parser.add_argument("--predict-batch", type=int, default=64, help="predict's batch size in that row")
+    parser.add_argument("--serve-requests", type=int, default=64,
+                        help="requests at each level of concurrency (1, 8, 32 clients) of the serving rows")
+    parser.add_argument("--no-serving", action="store_true", help="skip the prediction and serving rows")
+    parser.add_argument("--no-compile", action="store_true", help="--gpu: skip the torch.compile measurements")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, help="keep the generated data here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the report as JSON")

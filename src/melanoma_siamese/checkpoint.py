@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError  # noqa: F401  (re-exported)
-from .models import Classifier, Encoder
+from .models import EnsembleEncoder, Encoder, build_classifier, build_encoder
 
 # The layout of a model file; load_model refuses any other, so a future change cannot be misread silently.
 FORMAT = 1
@@ -78,21 +78,17 @@ def load_training_state(path: Path) -> dict:
     return data
 
 
-def save_model(model: Encoder | Classifier, path: Path, **extra: Any) -> None:
-    kind = "siamese" if isinstance(model, Encoder) else "classifier"
+def save_model(model: torch.nn.Module, path: Path, **extra: Any) -> None:
+    kind = "siamese" if isinstance(model, (Encoder, EnsembleEncoder)) else "classifier"
     atomic_save({"format": FORMAT, "kind": kind, "args": dict(model.args),
                  "state_dict": model.state_dict(), **extra}, path)
 
 
-def load_model(path: Path, kind: str) -> tuple[Encoder | Classifier, dict]:
+def load_model(path: Path, kind: str) -> tuple[torch.nn.Module, dict]:
     data = load_checkpoint(path)
     if data["kind"] != kind:
         raise CheckpointError(f"checkpoint {path} holds a {data['kind']} model, expected a {kind} model")
-    args = dict(data["args"])
-    if kind == "siamese":
-        model = Encoder(pretrained="none", **args)
-    else:
-        model = Classifier(args["embedding_dim"], args["dropout"], tuple(args.get("hidden", (256, 64))))
+    model = build_encoder(data["args"]) if kind == "siamese" else build_classifier(data["args"])
     try:
         model.load_state_dict(strip_prefixes(data["state_dict"]))
     except RuntimeError as exc:

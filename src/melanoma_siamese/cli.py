@@ -6,14 +6,13 @@ mistyped option answer without importing torch. Real failures (a CUDA error, a b
 from __future__ import annotations
 
 import argparse
-import ctypes
-import os
 import sys
 import time
 from importlib import import_module
 from pathlib import Path
 from typing import Collection, Optional, Sequence
 
+from .allocator import keep_freed_memory, return_freed_memory
 from .config import Config
 from .errors import CheckpointError, ConfigError, DataError, Interrupted, WeightsError
 # PACKAGED_CONFIGS is re-exported: callers and tests have long imported it, with config_path, from here.
@@ -26,7 +25,7 @@ MODULE_COMMANDS = {
     "compare": ("compare", "train recipes on one split over several seeds; write a table"),
     "predict": ("predict", "melanoma probability, decision and similar known cases for images"),
     "pair": ("predict", "embedding distance of two images, against validation pair distances"),
-    "export": ("export", "write encoder + classifier as one ONNX model and check it"),
+    "export": ("export", "write encoder + classifier as one ONNX model (or a folder to share: --format hf) and check it"),
     "serve": ("serve", "web page and HTTP API over a trained run"),
     "bench": ("bench_options", "measure input pipeline, passes per image, embedding speed and memory side by side on "
               "this machine (--gpu: training throughput on a CUDA GPU)"),
@@ -40,7 +39,11 @@ def _own_commands(sub) -> None:
     train.add_argument("--stage", choices=("all", "siamese", "classifier"), default="all",
                        help="classifier: reuse the run's trained encoder and split, train stage 2 only")
     train.add_argument("--resume", type=Path, metavar="RUN",
-                       help="continue RUN from its last completed epoch (its config, split and data)")
+                       help="continue RUN from its last completed epoch (its config, split and data); a K-fold "
+                            "ensemble keeps its finished members and continues the interrupted one")
+    train.add_argument("--folds", type=int, metavar="K",
+                       help="train a K-fold ensemble (data.folds=K): K models, each validated on one patient-"
+                            "grouped fold of the training part, averaged; the validation and test parts stay")
     add_common(train)
     train.set_defaults(handler=cmd_train)
 
@@ -121,17 +124,20 @@ def _data_of(args: argparse.Namespace, run: RunFolder):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import run_train
+    from .folds import run_training
 
     if args.resume is not None:
+        if args.folds is not None:
+            raise ConfigError("train --resume continues the run as it was configured; --folds is not accepted "
+                              f"(the run's own: data.folds in {RunFolder(args.resume).config})")
         run = RunFolder(args.resume)
         config = _run_config(args, run, "train --resume")
-        run_train(config, _data_of(args, run), run.root, args.stage, resume=True)
+        run_training(config, _data_of(args, run), run.root, args.stage, resume=True)
         print(f"Run folder: {run.root}")
         return 0
     config = resolve_config(args)
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    run_train(config, _source(args), out, args.stage)
+    run_training(config, _source(args), out, args.stage)
     print(f"Run folder: {out}")
     return 0
 
@@ -188,40 +194,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 TRAINING_COMMANDS = ("train", "demo", "compare", "bench")
-
-
-def _mallopt(settings: dict[int, int]) -> None:
-    if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
-        return  # explicit MALLOC_* variables in the environment win
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl): nothing to tune
-        return
-    for option, value in settings.items():
-        libc.mallopt(option, value)
-
-
-def return_freed_memory() -> None:
-    """Serve every allocation over 4 MB from its own pages and give them back when freed.
-
-    glibc raises its mmap threshold after each large free, so once a 186 MB decoded image (Pillow allocates
-    it in 16 MB blocks) has been freed, the next ones come from the heap and stay in the process: a server
-    kept 380 MB after a burst of 62-megapixel uploads. A fixed threshold turns that adjustment off.
-    """
-    m_mmap_threshold = -3
-    _mallopt({m_mmap_threshold: 4 * 1024 * 1024})
-
-
-def keep_freed_memory() -> None:
-    """Have glibc keep freed memory in the process, as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... would.
-
-    glibc serves allocations over 32 MB from fresh pages and returns them on free. On virtual machines
-    that hand freed memory back to the host, the first write to fresh pages is slow, and every large
-    batch tensor pays it on every batch: `bench` measured batched augmentation at half speed here.
-    Explicit MALLOC_* variables in the environment win.
-    """
-    m_trim_threshold, m_mmap_max = -1, -4
-    _mallopt({m_mmap_max: 0, m_trim_threshold: 2**31 - 1})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

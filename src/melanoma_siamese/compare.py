@@ -102,7 +102,8 @@ def paired_comparisons(out_dir: Path, recipes: list[str], seeds: list[int]) -> l
 
 def _train_missing(args: argparse.Namespace, recipes: list[str], rows: pd.DataFrame, rows_file: Path) -> pd.DataFrame:
     from .config import with_overrides
-    from .train import DataSource, run_train
+    from .folds import run_training
+    from .train import DataSource
 
     # Seeds outermost: an interrupted table holds every recipe at the seeds it reached.
     for seed in args.seeds:
@@ -118,7 +119,7 @@ def _train_missing(args: argparse.Namespace, recipes: list[str], rows: pd.DataFr
             args.seed = seed
             config = with_overrides(resolve_config(args, base=Path(config_file)), {"data.split_seed": args.split_seed})
             print(f"[compare] {recipe} seed {seed}: training into {run.root}")
-            metrics = run_train(config, DataSource(data=args.data), run.root)
+            metrics = run_training(config, DataSource(data=args.data), run.root)
             if not rows.empty:  # a row whose run folder is gone was retrained: replace it
                 rows = rows[~((rows["recipe"] == recipe) & (rows["seed"] == seed))]
             rows = pd.concat([rows, pd.DataFrame([{"recipe": recipe, "seed": seed, **run_row(metrics)}])],

@@ -50,13 +50,22 @@ class DataConfig:
     # Seed of the split alone (None = runtime.seed); compare fixes it so every recipe and seed share one split.
     split_seed: Optional[int] = None
     cache_dir: Optional[str] = None
+    # isic-cli downloads only: which kinds of `image_type` to keep, comma-separated, each matching the start
+    # of the value ("dermoscopic", "clinical" for both clinical kinds, "tbp"), or "all".
+    image_types: str = "dermoscopic"
+    # K >= 2: K models, each trained on the training part less one patient-grouped, label-stratified fold and
+    # validated on that fold (its out-of-fold predictions are saved), averaged as one ensemble; the
+    # validation and test parts stay as for one model (ensemble.py). 0: one model.
+    folds: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "resnet50"
-    # "imagenet" (torchvision weights API), "none" (random init), or a path to a state dict file.
+    # A torchvision model name, or timm:<name> (the timm extra; timm_backbone.py).
+    # "imagenet" (torchvision's weights API, or timm's through the Hugging Face cache), "none" (random init), or a
+    # path to a state dict file.
     pretrained: str = "imagenet"
     embedding_dim: int = 512
 
@@ -82,6 +91,8 @@ class SiameseConfig:
     # Learning rate of the pretrained backbone relative to the new layers.
     backbone_lr_scale: float = 1.0
     weight_decay: float = 0.0
+    # false: norm scales and biases are kept out of weight decay (optim.py); true: every parameter decays.
+    decay_norm_and_bias: bool = False
     scheduler: str = "none"  # none | cosine (with linear warm-up)
     warmup_epochs: float = 0.0
     # Cap on training images passed through the backbone (a sampled triplet costs three); 0 = no cap.
@@ -107,6 +118,12 @@ class ClassifierConfig:
     patience: int = 10
     # balanced: inverse-frequency class weights in the cross-entropy; none: plain.
     class_weight: str = "balanced"
+    # What the classifier reads: [image] (the embedding), plus clinical (age, sex, site, each with a missing
+    # code) and/or patient (distance to, and rank among, the same patient's other images; count): features.py.
+    features: tuple = ("image",)
+    # In training, each clinical variable (and, as often, all of them) is set to its missing code with this
+    # probability, so "missing" means "unknown" and data without metadata scores as the image alone would.
+    feature_dropout: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -145,6 +162,9 @@ class RuntimeConfig:
     # auto: channels_last on CUDA only.
     channels_last: str = "auto"
     compile: bool = False
+    # TensorBoard event files in RUN/tensorboard: auto writes them when the `track` extra is installed,
+    # on requires it, off never writes them.
+    tensorboard: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -171,6 +191,7 @@ CHOICES = {
     "runtime.amp": ("auto", "off", "bf16", "fp16"),
     "runtime.gpu_cache": ("auto", "off"),
     "runtime.channels_last": ("auto", "on", "off"),
+    "runtime.tensorboard": ("auto", "on", "off"),
 }
 
 
@@ -211,6 +232,11 @@ def _coerce(value: Any, default: Any, annotation: Any, path: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if target is tuple:
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):
+            return tuple(items)
+        raise ConfigError(f"{path}: expected a list of names, e.g. [image, clinical], got {value!r}")
     if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if target is float and isinstance(value, str):
@@ -222,9 +248,26 @@ def _coerce(value: Any, default: Any, annotation: Any, path: str) -> Any:
         return value
     if target is str and isinstance(value, bool):  # YAML 1.1 reads a bare off/on/no/yes as a boolean
         return "on" if value else "off"
+    if target is str and isinstance(value, (dict, list)):  # YAML reads "timm:" (a trailing colon) as a mapping
+        raise ConfigError(f"{path}: expected a name, got {value!r}; a value ending in ':' names nothing "
+                          "(e.g. model.backbone=timm:resnet50)")
     if target is str:
         return str(value)
     raise ConfigError(f"{path}: expected {target.__name__}, got {value!r}")
+
+
+TIMM_PREFIX = "timm:"
+
+
+def timm_name(backbone: str) -> Optional[str]:
+    """The timm model named by a `model.backbone` value ("timm:<name>"), None for a torchvision name."""
+    if not backbone.startswith(TIMM_PREFIX):
+        return None
+    name = backbone[len(TIMM_PREFIX):].strip()
+    if not name:
+        raise ConfigError(f"model.backbone: {backbone!r} names no timm model; expected timm:<name>, e.g. "
+                          "timm:resnet50 or timm:vit_small_patch16_224 (timm.list_models() lists them)")
+    return name
 
 
 def _check_choices(config: Config) -> None:
@@ -240,11 +283,15 @@ def _check_choices(config: Config) -> None:
         raise ConfigError("siamese.loss: none needs siamese.ce_weight > 0 (a cross-entropy head)")
     if config.classifier.kind == "head" and s.ce_weight <= 0:
         raise ConfigError("classifier.kind: head needs siamese.ce_weight > 0 in stage 1")
+    _check_classifier(config.classifier)
+    timm_name(config.model.backbone)  # refuses "timm:" naming no model
     d = config.data
     if not 0 < d.val_fraction < 1 or not 0 < d.test_fraction < 1 or d.val_fraction + d.test_fraction >= 1:
         raise ConfigError("data.val_fraction and data.test_fraction must be in (0, 1) and sum below 1")
     if d.train_melanoma_fraction is not None and not 0 < d.train_melanoma_fraction <= 1:
         raise ConfigError("data.train_melanoma_fraction must be in (0, 1] or null")
+    if d.folds == 1 or d.folds < 0:
+        raise ConfigError(f"data.folds: {d.folds}; use 0 (one model) or K >= 2 (a K-fold ensemble)")
     if d.min_image_side < 1 or d.min_image_std < 0:
         raise ConfigError("data.min_image_side must be at least 1 and data.min_image_std at least 0")
     e = config.evaluation
@@ -253,6 +300,18 @@ def _check_choices(config: Config) -> None:
     if e.unfamiliar_k < 1 or not 0 < e.unfamiliar_quantile < 1:
         raise ConfigError("evaluation.unfamiliar_k must be at least 1 and evaluation.unfamiliar_quantile "
                           "strictly between 0 and 1")
+
+
+def _check_classifier(c: ClassifierConfig) -> None:
+    from .features import check_features
+
+    problem = check_features(c.features)
+    if problem:
+        raise ConfigError(f"classifier.features: {list(c.features)} {problem}")
+    if c.kind == "head" and tuple(c.features) != ("image",):
+        raise ConfigError("classifier.kind: head reads the embedding alone; set classifier.features: [image]")
+    if not 0 <= c.feature_dropout < 1:
+        raise ConfigError(f"classifier.feature_dropout: {c.feature_dropout} must be in [0, 1)")
 
 
 def _nested(config_dict: dict, dotted: str, value: Any) -> None:
@@ -307,7 +366,9 @@ def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
 
 
 def to_dict(config: Config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """Plain values (lists, not tuples), as YAML and JSON write them."""
+    return dataclasses.asdict(config, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v
+                                                                  for k, v in items})
 
 
 def dump_yaml(config: Config) -> str:

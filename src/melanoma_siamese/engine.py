@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .objective import Loss, Objective
 from .preprocess import to_model_input
 from .runtime import Precision, StopFlag
+from .progress import bar_disable
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -35,14 +36,16 @@ def _dihedral(images: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def embed(encoder: nn.Module, array: np.ndarray, rows: np.ndarray, mean: float, std: float,
-          device: torch.device, batch_size: int = 128, tta: bool = False,
-          progress: Optional[str] = None) -> np.ndarray:
-    """L2-normalised embeddings of cache rows (no augmentation; TTA averages the 8 flips/transposes).
-    `progress`: the progress bar's title, or None for no bar."""
+def embed(encoder: nn.Module, array: np.ndarray, rows: np.ndarray, mean: float, std: float, *,
+          batch_size: int = 128, tta: bool = False, progress: Optional[str] = None) -> np.ndarray:
+    """L2-normalised embeddings of cache rows, computed where the encoder is (no augmentation; TTA averages
+    the 8 flips/transposes). `progress`: the progress bar's title (shown on a terminal only),
+    or None for no bar."""
+    device = next(encoder.parameters()).device
     encoder.eval()
     out = []
-    for start in tqdm(range(0, len(rows), batch_size), desc=progress, disable=progress is None, leave=False):
+    bar = tqdm(range(0, len(rows), batch_size), desc=progress, disable=bar_disable(progress is not None), leave=False)
+    for start in bar:
         images = to_model_input(torch.from_numpy(np.asarray(array[rows[start:start + batch_size]])), mean, std,
                                 device)
         if tta:
@@ -92,7 +95,7 @@ def train_siamese_epoch(step: TrainStep, batches: Iterable, image_budget: Option
     step.model.train()
     device = step.precision.device
     total, count, images_seen, mined, empty = 0.0, 0, 0, 0, 0
-    bar = tqdm(batches, desc=progress, disable=progress is None, leave=False)
+    bar = tqdm(batches, desc=progress, disable=bar_disable(progress is not None), leave=False)
     for index, (images, labels) in enumerate(bar):
         if image_budget is not None and images_seen >= image_budget:
             break

@@ -14,9 +14,10 @@ from . import plots
 from .config import Config
 from .data.prepare import Prepared, balanced_test_ids
 from .engine import embed, melanoma_probability
+from .features import model_input
 from .inference import LoadedRun, RetrievalIndex, load_run
 from .metrics import binary_report, bootstrap_ci, choose_threshold, knn_probabilities
-from .runfolder import RunFolder
+from .runfolder import RunFolder, write_text_atomic
 
 Log = Callable[[str], None]
 
@@ -41,7 +42,11 @@ def score(frame: pd.DataFrame, prob_column: str, threshold: float, config: Confi
                                         config.runtime.seed))
     balanced = frame[frame["isic_id"].isin(set(balanced_ids))]
     if len(balanced):
-        out["test_balanced"] = binary_report(balanced["target"].to_numpy(), balanced[prob_column].to_numpy(), threshold)
+        yb, pb = balanced["target"].to_numpy(), balanced[prob_column].to_numpy()
+        out["test_balanced"] = binary_report(yb, pb, threshold)
+        if len(np.unique(yb)) == 2 and config.evaluation.bootstrap:
+            out["test_balanced"].update(bootstrap_ci(yb, pb, balanced["patient_id"].to_numpy(), threshold,
+                                                     config.evaluation.bootstrap, config.runtime.seed))
     return out
 
 
@@ -64,10 +69,12 @@ def _predict_parts(run: LoadedRun, prepared: Prepared, parts: tuple[str, ...],
     config, d = run.config, run.config.data
     frames, embeddings = [], {}
     for part in parts:
-        frame = prepared.part(part)[["isic_id", "patient_id", "target", "row"]].copy()
-        emb = embed(run.encoder, prepared.array, frame["row"].to_numpy(), d.mean, d.std, run.device,
+        table = prepared.part(part)
+        frame = table[["isic_id", "patient_id", "target", "row"]].copy()
+        emb = embed(run.encoder, prepared.array, frame["row"].to_numpy(), d.mean, d.std,
                     tta=config.evaluation.tta, progress=f"Embedding {part}" if config.runtime.progress else None)
-        frame["prob_melanoma"] = melanoma_probability(run.classifier, emb)
+        # Patient context is taken within the scored part, as training took it within the training part.
+        frame["prob_melanoma"] = melanoma_probability(run.classifier, model_input(run.features, emb, table))
         frame["knn_prob_melanoma"] = knn_probabilities(emb, reference[0], reference[1], config.evaluation.knn_k)
         frame["part"] = part
         frames.append(frame)
@@ -101,7 +108,7 @@ def _on_saved_split(run: LoadedRun, prepared: Prepared) -> tuple[pd.DataFrame, d
     """Embed train (the kNN reference), val and test; choose both thresholds on val; write index and thresholds."""
     config, d, folder = run.config, run.config.data, run.folder
     train = prepared.part("train")
-    ref_emb = embed(run.encoder, prepared.array, train["row"].to_numpy(), d.mean, d.std, run.device,
+    ref_emb = embed(run.encoder, prepared.array, train["row"].to_numpy(), d.mean, d.std,
                     progress="Embedding train" if config.runtime.progress else None)
     ref_labels = train["target"].to_numpy()
     frame, embeddings = _predict_parts(run, prepared, ("val", "test"), (ref_emb, ref_labels))
@@ -230,8 +237,34 @@ def evaluate_run(run_dir: Path | RunFolder, config: Config, prepared: Prepared, 
     _report(frame, metrics, balanced_ids, config, log)
     test = frame[frame["part"] == "test"]
     _plots(test, embeddings["test"], metrics["test"], out, config.runtime.seed, run.calibration)
-    log(f"Wrote {out.metrics}, {out.predictions} and plots in {out.images}")
+    _groups_and_card(run, out, test, prepared, metrics, log)
+    log(f"Wrote {out.metrics}, {out.predictions}, {out.metrics_by_group.name}, {out.model_card.name} and plots in "
+        f"{out.images}")
     return metrics
+
+
+def _groups_and_card(run: LoadedRun, out: RunFolder, test: pd.DataFrame, prepared: Prepared, metrics: dict,
+                     log: Log) -> None:
+    """Results by group (JSON, plot, printed table) on the test part at the run's threshold, and the model card."""
+    from . import groups as by_group
+    from .model_card import model_card
+
+    clinical = [c for c in ("age", "sex", "site", "skin_type") if c in prepared.table]
+    frame = test.merge(prepared.table[["isic_id", *clinical]], on="isic_id", how="left")
+    report = by_group.results_by_group(frame, "prob_melanoma", metrics["threshold"].get("classifier", 0.5),
+                                       run.config.evaluation.bootstrap, run.config.runtime.seed)
+    out.write_json(out.metrics_by_group, _clean(report))
+    if report["groupings"]:
+        plots.results_by_group(report, out.image("metrics_by_group.png"))
+    by_group.print_groups(report, log)
+    info = run.folder.run_info()
+    if out.root != run.folder.root:
+        # External evaluation: the card describes the data scored here, every image of it as the test part.
+        info = {**info, "source": {"metadata": str(prepared.dataset.metadata_file)}, "layout": prepared.dataset.layout,
+                "parts": {"test": {"images": int(len(test)), "melanoma": int(test["target"].sum())}}}
+    card = model_card(str(run.folder.root), run.config, info, _clean(metrics), _clean(report),
+                      run.folder.read_baseline(), run.generated)
+    write_text_atomic(out.model_card, card)
 
 
 def _metrics(frame: pd.DataFrame, thresholds: dict, config: Config, balanced_ids: np.ndarray,
@@ -250,6 +283,9 @@ def _metrics(frame: pd.DataFrame, thresholds: dict, config: Config, balanced_ids
         baseline = saved_split.read_baseline()
         if baseline is not None:
             metrics["baseline"] = baseline
+        folds = saved_split.read_folds_summary()
+        if folds is not None:
+            metrics["folds"] = folds
     return metrics
 
 

@@ -1,18 +1,24 @@
-"""`export`: one ONNX model of encoder + classifier, checked against PyTorch.
+"""`export`: one ONNX model of encoder + classifier, checked against PyTorch; or (`--format hf`) a folder to share
+on the Hugging Face Hub (hf.py).
 
 The ONNX model takes what a decoder gives: `images`, uint8, N x S x S x 3 (RGB, channels last, S the run's
 image_size), and returns `embedding` (N x 512, L2-normalised) and `probability` (N, melanoma). Scaling and
 normalisation are inside it (inference.PixelModel), so a caller needs no knowledge of the run's mean and std.
+Writing it needs only `onnx`; the check runs it with onnxruntime or onnxruntime-gpu, whichever is installed.
 Torch is imported when the command runs, not when its options are declared.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import inspect
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from .errors import ConfigError
 
 TOLERANCE = 1e-4
 OPSET = 17
@@ -21,11 +27,12 @@ OPSET = 17
 def export_onnx(run, path: Path, opset: int = OPSET) -> Path:
     """Write the run's encoder + classifier (a LoadedRun) as one ONNX file."""
     from .inference import PixelModel
+    from .timm_backbone import fixed_input_size
 
-    model = PixelModel(run.encoder.cpu(), run.classifier.cpu(), run.config.data.mean, run.config.data.std).eval()
-    export_pixel_model(model, run.config.data.image_size, path, opset)
-    run.encoder.to(run.device)
-    return path
+    encoder = copy.deepcopy(run.encoder).cpu()
+    fixed_input_size(encoder, run.config.data.image_size)
+    model = PixelModel(encoder, copy.deepcopy(run.classifier).cpu(), run.config.data.mean, run.config.data.std).eval()
+    return export_pixel_model(model, run.config.data.image_size, path, opset)
 
 
 def export_pixel_model(model, size: int, path: Path, opset: int = OPSET) -> Path:
@@ -36,18 +43,27 @@ def export_pixel_model(model, size: int, path: Path, opset: int = OPSET) -> Path
 
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # The TorchScript exporter needs no onnxscript and handles these models; `dynamo` (torch 2.5+) must say so.
+    choice = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     with warnings.catch_warnings():
-        # The TorchScript exporter warns that it is deprecated; it needs no onnxscript and handles these models.
+        # It warns that it is deprecated.
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=["images"], output_names=["embedding", "probability"],
-                          dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}, "probability": {0: "batch"}})
+        try:
+            torch.onnx.export(model, (example,), str(path), **choice, opset_version=opset,
+                              input_names=["images"], output_names=["embedding", "probability"],
+                              dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"},
+                                            "probability": {0: "batch"}})
+        except torch.onnx.errors.OnnxExporterError as exc:
+            backbone = getattr(getattr(model, "encoder", None), "args", {}).get("backbone", "this backbone")
+            raise ConfigError(f"ONNX export of {backbone} failed at opset {opset}: {exc}. Try another --opset, or "
+                              "score the run with the torch engine (predict's default)") from exc
     onnx.checker.check_model(str(path))
     return path
 
 
 def sample_pixels(run, count: int = 8, seed: int = 0) -> tuple[np.ndarray, str]:
     """Training images of the run where its data can still be read, else seeded random images."""
+    from .data.hdf5 import read_source
     from .errors import ImageRejected
     from .inputs import read_image
 
@@ -59,8 +75,8 @@ def sample_pixels(run, count: int = 8, seed: int = 0) -> tuple[np.ndarray, str]:
         path = run.image_paths.get(str(image_id))
         if path:
             try:
-                images.append(read_image(path, size))
-            except ImageRejected:
+                images.append(read_image(read_source(path), size))
+            except (ImageRejected, KeyError, OSError):  # gone or unreadable since training: the next one
                 continue
     if images:
         return np.stack(images), f"{len(images)} training images"
@@ -82,26 +98,62 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .inference import load_run
 
     run = load_run(args.run, "cpu")
-    path = args.out or run.folder.onnx
-    export_onnx(run, path, args.opset)
     pixels, what = sample_pixels(run, args.check_images)
-    diff = compare_with_torch(run, path, pixels)
+    if args.format == "hf":
+        return _export_hf(run, args.out or run.path / "hf", pixels, what)
+    return _export_onnx(run, args.out or run.folder.onnx, args.opset, pixels, what)
+
+
+def _export_onnx(run, path: Path, opset: int, pixels: np.ndarray, what: str) -> int:
+    from importlib.util import find_spec
+
+    if find_spec("onnx") is None:
+        raise ConfigError("export --format onnx needs the onnx package: pip install 'melanoma-siamese[export]'")
+    export_onnx(run, path, opset)
+    size = run.config.data.image_size
+    print(f"Wrote {path} (input `images`: uint8 N x {size} x {size} x 3 RGB; outputs `embedding`, `probability`)")
+    if find_spec("onnxruntime") is None:
+        print("warning: not checked against PyTorch: neither onnxruntime nor onnxruntime-gpu is installed "
+              "(pip install onnxruntime, then export again to check)", file=sys.stderr)
+        return 0
+    return _report(compare_with_torch(run, path, pixels), f"PyTorch on {what}", "ONNX model", TOLERANCE)
+
+
+def _export_hf(run, out: Path, pixels: np.ndarray, what: str) -> int:
+    from importlib.util import find_spec
+
+    if find_spec("huggingface_hub") is None or find_spec("safetensors") is None:
+        raise ConfigError("export --format hf needs huggingface_hub and safetensors: "
+                          "pip install 'melanoma-siamese[hub]'")
+    from .hf import TOLERANCE as HF_TOLERANCE
+    from .hf import compare_with_run, describe_folder, export_hf
+
+    export_hf(run, out)
+    print(f"Wrote {describe_folder(out)}")
+    print(f"Load it with melanoma_siamese.api.load_run('{out}') or MelanomaSiamese.from_pretrained('{out}'); "
+          f"share it with: huggingface-cli upload USER/NAME {out}")
+    return _report(compare_with_run(run, out, pixels), f"the run on {what}", "folder loaded with from_pretrained",
+                   HF_TOLERANCE)
+
+
+def _report(diff: dict, against: str, what: str, limit: float) -> int:
     largest = max(diff.values())
-    print(f"Wrote {path} (input `images`: uint8 N x {run.config.data.image_size} x {run.config.data.image_size} x 3 "
-          f"RGB; outputs `embedding`, `probability`)")
-    print(f"Checked against PyTorch on {what}: largest absolute difference {largest:.3g} "
-          f"(probability {diff['probability']:.3g}, embedding {diff['embedding']:.3g}; limit {TOLERANCE:g})")
-    if largest >= TOLERANCE:
-        print(f"error: the ONNX model differs from PyTorch by more than {TOLERANCE:g}", file=sys.stderr)
+    print(f"Checked against {against}: largest absolute difference {largest:.3g} "
+          f"(probability {diff['probability']:.3g}, embedding {diff['embedding']:.3g}; limit {limit:g})")
+    if largest >= limit:
+        print(f"error: the {what} differs by more than {limit:g}", file=sys.stderr)
         return 1
     return 0
 
 
 def add_parser(sub) -> None:
-    parser = sub.add_parser("export", help="write encoder + classifier as one ONNX model and check it")
+    parser = sub.add_parser("export", help="write encoder + classifier as one ONNX model (or a folder to share: "
+                                           "--format hf) and check it")
     parser.add_argument("--run", type=Path, required=True, help="run folder written by train")
-    parser.add_argument("--format", choices=("onnx",), default="onnx")
-    parser.add_argument("--out", type=Path, help="output file (default RUN/models/model.onnx)")
+    parser.add_argument("--format", choices=("onnx", "hf"), default="onnx",
+                        help="onnx: one ONNX file; hf: a folder huggingface_hub's from_pretrained loads")
+    parser.add_argument("--out", type=Path, help="output file (default RUN/models/model.onnx) or, for hf, "
+                                                 "folder (default RUN/hf)")
     parser.add_argument("--opset", type=int, default=OPSET)
     parser.add_argument("--check-images", type=int, default=8, help="images compared with PyTorch (default 8)")
     parser.set_defaults(handler=cmd_export)

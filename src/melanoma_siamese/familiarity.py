@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import ConfigError
 
+ROUNDING = 1e-6  # cosine distances closer than this are the same distance computed in another batch
 METHOD = "mean cosine distance (1 - cos) to the k nearest training images"
 # Query rows per matrix product: 1024 x 33k training images of float32 is 135 MB at most.
 _CHUNK = 1024
@@ -68,9 +69,11 @@ class Familiarity:
         """Per image: `distance`, `percentile` (share of validation images at or below it, in %) and
         `unfamiliar` (distance above the cut), as arrays of the query's length."""
         distance = self.distance(embeddings)
-        at_or_below = np.searchsorted(self.val_distances, distance, side="right")
+        # Within float rounding counts as equal: a validation image scored in a batch of 8 lands 1e-7 from
+        # its own recorded distance, which must not move its percentile a step or flip it over the cut.
+        at_or_below = np.searchsorted(self.val_distances, distance + ROUNDING, side="right")
         return {"distance": distance, "percentile": 100.0 * at_or_below / len(self.val_distances),
-                "unfamiliar": distance > self.cut}
+                "unfamiliar": distance > self.cut + ROUNDING}
 
     def record(self) -> dict:
         """How the cut was chosen, as plain JSON values, for the run folder."""
@@ -116,7 +119,9 @@ def appearance_features(pixels: np.ndarray, chunk: int = 256) -> np.ndarray:
 
 
 def _texture(pixels: np.ndarray) -> np.ndarray:
-    grey = pixels.astype(np.float32).mean(axis=3) / 255
+    # The mean of the three channels as two adds (the same floats as .mean(axis=3)): a reduction over an axis
+    # of 3 took 3 ms an image, a quarter of predict's time per image on a GPU.
+    grey = (pixels[..., 0].astype(np.float32) + pixels[..., 1] + pixels[..., 2]) / 3 / 255
     laplacian = np.abs(4 * grey[:, 1:-1, 1:-1] - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1]
                        - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:]).reshape(len(pixels), -1)
     counts = np.stack([np.histogram(row, bins=_TEXTURE_BINS)[0] for row in laplacian])

@@ -10,7 +10,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ class EpochEnd:
     world_size: int
     rows: np.ndarray  # the cache rows this rank was given in the epoch
     encoder: torch.nn.Module
+    history: Sequence[dict] = ()  # the run's history so far, one record per epoch from the untrained one (0)
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,12 @@ The commands (`predict`, `pair`, `serve`, `export`, `evaluate`) live in their ow
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +28,8 @@ from .runfolder import RunFolder, Thresholds
 LABEL_NAMES = ("not melanoma", "melanoma")
 ENGINES = ("torch", "onnxruntime")
 DEFAULT_NEIGHBOURS = 5
+# predict's threads that describe answers while the model scores the next chunk (half the cores, 2 to 8).
+DESCRIBE_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))
 VAL_PAIR_SAMPLE = 3000
 
 # pixels (N x S x S x 3 uint8) -> (embeddings N x D, melanoma probabilities N)
@@ -108,6 +111,11 @@ class LoadedRun:
         return fit(features[parts == "train"], features[parts == "val"], e.unfamiliar_k, e.unfamiliar_quantile)
 
     @property
+    def features(self) -> tuple[str, ...]:
+        """What the classifier reads (classifier.features): the embedding, and clinical / patient features."""
+        return tuple(getattr(self.classifier, "features", ("image",)))
+
+    @property
     def generated(self) -> bool:
         return bool(self.trust.get("trained_on_generated_images", False))
 
@@ -136,7 +144,8 @@ class LoadedRun:
 
         try:
             source = self.folder.source()
-            table = read_dataset(source["data"], source["metadata"], source["images"]).table
+            table = read_dataset(source["data"], source["metadata"], source["images"],
+                                 self.config.data.image_types).table  # the kinds the run was trained on
         except (ConfigError, DataError, OSError):
             return {}
         return {i: p for i, p in zip(table["isic_id"], table["path"]) if p}
@@ -163,6 +172,11 @@ class PixelModel(nn.Module):
     """uint8 N x S x S x 3 -> (embedding, melanoma probability): the whole of what the ONNX file computes."""
 
     def __init__(self, encoder: nn.Module, classifier: nn.Module, mean: float, std: float):
+        if tuple(getattr(classifier, "features", ("image",))) != ("image",):
+            raise ConfigError(f"this run's classifier also reads {', '.join(classifier.features[1:])} features, which "
+                              "a pixels-only model (the ONNX file, the Hub folder, api's Model.module) cannot take: "
+                              "these are for runs trained with classifier.features: [image]; score this run with "
+                              "`predict` or api.load_run(RUN).predict")
         super().__init__()
         self.encoder, self.classifier, self.mean, self.std = encoder, classifier, mean, std
 
@@ -172,25 +186,40 @@ class PixelModel(nn.Module):
 
 
 def torch_scorer(run: LoadedRun, batch_size: int = 64) -> Scorer:
-    from .engine import embed, melanoma_probability
+    from .engine import embed
 
     d = run.config.data
 
     def score(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        emb = embed(run.encoder, pixels, np.arange(len(pixels)), d.mean, d.std, run.device, batch_size,
+        emb = embed(run.encoder, pixels, np.arange(len(pixels)), d.mean, d.std, batch_size=batch_size,
                     tta=run.config.evaluation.tta)
-        return emb, melanoma_probability(run.classifier, emb)
+        return emb, context_probability(run, emb, None)
 
     return score
 
 
-def onnx_scorer(path: Path, threads: Optional[int] = None) -> Scorer:
-    import onnxruntime as ort
+ONNXRUNTIME_MISSING = ("the onnxruntime engine needs onnxruntime or onnxruntime-gpu, and neither is installed: "
+                      "pip install onnxruntime (or onnxruntime-gpu on a CUDA machine)")
+
+
+def onnx_providers(available: Sequence[str], device_type: str) -> list[str]:
+    """onnxruntime's execution providers for a run on `device_type`: CUDA first where the run is on CUDA and the
+    installed build (onnxruntime-gpu) has it, the CPU always (both builds install the `onnxruntime` module)."""
+    cuda = device_type == "cuda" and "CUDAExecutionProvider" in available
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+
+
+def onnx_scorer(path: Path, threads: Optional[int] = None, device_type: str = "cpu") -> Scorer:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ConfigError(ONNXRUNTIME_MISSING) from exc
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    providers = onnx_providers(ort.get_available_providers(), device_type)
+    session = ort.InferenceSession(str(path), options, providers=providers)
 
     def score(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         embedding, probability = session.run(None, {"images": np.ascontiguousarray(pixels, dtype=np.uint8)})
@@ -217,15 +246,41 @@ class Predictor:
         if not Path(path).is_file():
             raise ConfigError(f"ONNX model {path} does not exist; write it with `melanoma-siamese export --run "
                               f"{run.path} --format onnx`")
-        self.score = onnx_scorer(Path(path))
+        self.score = onnx_scorer(Path(path), device_type=run.device.type)
 
     @property
     def threshold(self) -> float:
         """The decision threshold on the scale of the probabilities this predictor shows."""
         return float(shown_probability(self.run, [self.run.thresholds.classifier], self.prevalence)["threshold"])
 
-    def answers(self, pixels: np.ndarray, neighbours: int = DEFAULT_NEIGHBOURS) -> list[dict]:
-        return describe(self.run, pixels, self.score(pixels), neighbours, self.prevalence, self.prevalence_source)
+    def answers(self, pixels: np.ndarray, neighbours: int = DEFAULT_NEIGHBOURS, context=None) -> list[dict]:
+        """`context`: a table with a row per image (clinical columns, patient_id) for a run whose classifier
+        reads them; None or absent columns: unknown."""
+        return self.describe(pixels, self.scored(pixels, context), neighbours)
+
+    def scored(self, pixels: np.ndarray, context=None) -> tuple[np.ndarray, np.ndarray]:
+        """The model's part of the answers: (embeddings, classifier scores)."""
+        emb, probs = self.score(pixels)
+        if self.run.features != ("image",):
+            probs = context_probability(self.run, emb, context)
+        return emb, probs
+
+    def describe(self, pixels: np.ndarray, scored: tuple[np.ndarray, np.ndarray],
+                 neighbours: int = DEFAULT_NEIGHBOURS) -> list[dict]:
+        """The rest: probability at the prevalence, decision, kNN vote, neighbours, unfamiliar check."""
+        return describe(self.run, pixels, scored, neighbours, self.prevalence, self.prevalence_source)
+
+
+def context_probability(run: LoadedRun, embeddings: np.ndarray, context=None) -> np.ndarray:
+    """The classifier's score from embeddings and, for a run trained with them, clinical and patient features
+    (features.model_input); without a context, metadata is unknown and every image is its patient's only one."""
+    import pandas as pd
+
+    from .engine import melanoma_probability
+    from .features import model_input
+
+    table = context if context is not None else pd.DataFrame(index=range(len(embeddings)))
+    return melanoma_probability(run.classifier, model_input(run.features, embeddings, table.reset_index(drop=True)))
 
 
 def shown_probability(run: LoadedRun, scores: np.ndarray, prevalence: Optional[float]) -> dict:
@@ -292,22 +347,29 @@ def describe(run: LoadedRun, pixels: np.ndarray, scored: tuple[np.ndarray, np.nd
     embeddings, probs = scored
     train = run.index.part("train")
     votes = knn_probabilities(embeddings, train.embeddings, train.labels, run.config.evaluation.knn_k)
-    order, distances = train.nearest(embeddings, neighbours)
+    similar = similar_cases(run, embeddings, neighbours)
     shown = shown_probability(run, probs, prevalence)
     familiar = unfamiliar_answers(run, embeddings, pixels)
     t = run.thresholds
     out = []
     for i, (p, vote) in enumerate(zip(probs, votes)):
-        similar = [{"id": str(train.ids[j]), "label": int(train.labels[j]), "label_name": LABEL_NAMES[train.labels[j]],
-                    "distance": float(d)} for j, d in zip(order[i], distances[i])]
         out.append({"probability": float(shown["probability"][i]), "decision": LABEL_NAMES[int(shown["melanoma"][i])],
                     "threshold": float(shown["threshold"]), "score": float(p), "score_threshold": t.classifier,
                     "calibrated": shown["calibrated"], "prevalence": prevalence,
                     "prevalence_source": prevalence_source, "unfamiliar": familiar[i],
                     "trained_on_generated_images": run.generated,
                     "knn_probability": float(vote), "knn_decision": LABEL_NAMES[int(vote >= t.knn)],
-                    "knn_threshold": t.knn, "similar": similar})
+                    "knn_threshold": t.knn, "similar": similar[i]})
     return out
+
+
+def similar_cases(run: LoadedRun, embeddings: np.ndarray, k: int) -> list[list[dict]]:
+    """Per embedding, the k most similar training images: `id`, `label` (1 = melanoma), `label_name`,
+    `distance` (1 - cosine similarity), closest first."""
+    train = run.index.part("train")
+    order, distances = train.nearest(embeddings, k)
+    return [[{"id": str(train.ids[j]), "label": int(train.labels[j]), "label_name": LABEL_NAMES[train.labels[j]],
+              "distance": float(d)} for j, d in zip(row, dist)] for row, dist in zip(order, distances)]
 
 
 def flat_row(path: Path, result: Optional[dict], reason: str = "", saliency: str = "") -> dict:
@@ -331,43 +393,69 @@ def flat_row(path: Path, result: Optional[dict], reason: str = "", saliency: str
     return row
 
 
-def _decode_batch(paths: Sequence[Path], size: int, max_pixels: int,
-                  checks: Optional[ImageChecks] = None) -> list[tuple[Optional[np.ndarray], str]]:
+def decoded_chunks(paths: Sequence[Path], batch_size: int, size: int, max_pixels: int,
+                   checks: Optional[ImageChecks] = None, threads: int = 4) -> Iterator[tuple[int, list]]:
+    """(start, [(pixels or None, reason)] per path) for each chunk of `paths`, in order. The next chunk is
+    decoded in threads (PIL lets go of the GIL while decoding) while the caller scores this one, so the
+    model does not wait for the files."""
     def work(path: Path) -> tuple[Optional[np.ndarray], str]:
         try:
             return read_image(path, size, max_pixels, checks), ""
         except ImageRejected as exc:
             return None, str(exc)
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(work, paths))
+    starts = range(0, len(paths), batch_size)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        ahead = [pool.submit(work, p) for p in paths[:batch_size]]
+        for start in starts:
+            current = ahead
+            ahead = [pool.submit(work, p) for p in paths[start + batch_size:start + 2 * batch_size]]
+            yield start, [f.result() for f in current]
 
 
 def predict_paths(predictor: Predictor, paths: Sequence[Path], neighbours: int = DEFAULT_NEIGHBOURS,
                   batch_size: int = 64, saliency_dir: Optional[Path] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                   progress: bool = False) -> list[dict]:
-    """One flat row per path, in order; unreadable files get status 'failed' and the reason."""
+    """One flat row per path, in order; unreadable files get status 'failed' and the reason.
+
+    Three stages overlap: files decode in threads ahead of the model, the model scores a chunk, and the
+    chunks before it are described in threads (numpy, mostly without the GIL: on a GPU describing an
+    answer costs more than scoring it)."""
+    from collections import deque
+
     from tqdm.auto import tqdm
+
+    from .progress import bar_disable
 
     run = predictor.run
     rows: list[dict] = []
-    with tqdm(total=len(paths), desc="Predicting", unit="image", disable=not progress, leave=False) as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            decoded = _decode_batch(chunk, run.config.data.image_size, max_pixels, run.checks)
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=DESCRIBE_THREADS) as describing, \
+            tqdm(total=len(paths), desc="Predicting", unit="image", disable=bar_disable(progress), leave=False) as bar:
+        for start, decoded in decoded_chunks(paths, batch_size, run.config.data.image_size, max_pixels, run.checks):
             good = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
-            results: dict[int, dict] = {}
-            overlays: dict[int, str] = {}
-            if good:
-                pixels = np.stack([decoded[i][0] for i in good])
-                results = dict(zip(good, predictor.answers(pixels, neighbours)))
-                if saliency_dir is not None:
-                    overlays = dict(zip(good, write_saliency(run, pixels, [chunk[i] for i in good],
-                                                             saliency_dir, start + np.array(good))))
-            for i, path in enumerate(chunk):
-                rows.append(flat_row(path, results.get(i), decoded[i][1], overlays.get(i, "")))
-            bar.update(len(chunk))
+            pixels = np.stack([decoded[i][0] for i in good]) if good else None
+            answers = describing.submit(predictor.describe, pixels, predictor.scored(pixels), neighbours) \
+                if good else None
+            pending.append((start, decoded, good, pixels, answers))
+            while len(pending) > DESCRIBE_THREADS or (pending and start + batch_size >= len(paths)):
+                done = _chunk_rows(run, paths[pending[0][0]:pending[0][0] + batch_size], pending.popleft(),
+                                   saliency_dir)
+                rows += done
+                bar.update(len(done))
     return rows
+
+
+def _chunk_rows(run: LoadedRun, chunk: Sequence[Path], item: tuple, saliency_dir: Optional[Path]) -> list[dict]:
+    """The rows of one chunk of predict_paths (`item`: its start, decoded images, which decoded, their pixels, its
+    answers being described), with its saliency maps written."""
+    start, decoded, good, pixels, answers = item
+    results = dict(zip(good, answers.result())) if good else {}
+    overlays: dict[int, str] = {}
+    if good and saliency_dir is not None:
+        overlays = dict(zip(good, write_saliency(run, pixels, [chunk[i] for i in good], saliency_dir,
+                                                 start + np.array(good))))
+    return [flat_row(path, results.get(i), decoded[i][1], overlays.get(i, "")) for i, path in enumerate(chunk)]
 
 
 def write_saliency(run: LoadedRun, pixels: np.ndarray, paths: Sequence[Path], out_dir: Path,
@@ -401,7 +489,8 @@ def pair_report(predictor: Predictor, pixels: np.ndarray) -> dict:
     """Distance of two images and where it falls among validation same-class and other-class distances, with
     each image's answer (probability at the predictor's prevalence, decision, unfamiliar flag)."""
     emb, probs = predictor.score(pixels)
-    distance = float(1.0 - emb[0] @ emb[1])
+    # Clipped as in RetrievalIndex.nearest: rounding makes an image's distance to itself about -1e-7 ("-0.0000").
+    distance = float(np.clip(1.0 - emb[0] @ emb[1], 0.0, 2.0))
     reference = {}
     for name, values in val_pair_distances(predictor.run.index).items():
         reference[name] = {"pairs": int(len(values)),

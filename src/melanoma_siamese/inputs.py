@@ -55,9 +55,23 @@ def _header_size(handle) -> tuple[int, int]:
     except IsADirectoryError as exc:
         raise ImageRejected("is a folder, not an image file", 400) from exc
     except Image.UnidentifiedImageError as exc:
+        if _starts_like_an_image(handle):
+            raise ImageRejected("corrupt image (it starts as a known image format, but cannot be read)", 400) from exc
         raise ImageRejected("not an image (no known image format)", 415) from exc
     except Exception as exc:  # OSError mostly; some format plugins raise ValueError and the like on bad headers
         raise ImageRejected(f"cannot be read ({type(exc).__name__}: {exc})", 400) from exc
+
+
+# The first bytes of the formats in IMAGE_EXTENSIONS: a file that starts with one but does not open is a damaged
+# image (400), not another kind of file (415), whether or not this Pillow version can identify what is left of it.
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+
+
+def _starts_like_an_image(handle) -> bool:
+    if isinstance(handle, io.BytesIO):
+        return handle.getvalue()[:8].startswith(IMAGE_SIGNATURES)
+    with open(handle, "rb") as f:
+        return f.read(8).startswith(IMAGE_SIGNATURES)
 
 
 @dataclass(frozen=True)

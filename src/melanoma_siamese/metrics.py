@@ -86,26 +86,28 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, rule: str, target_se
 
 def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray, threshold: float,
                  n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
-    """95% intervals for ROC AUC and balanced accuracy, resampling patients (not images) with replacement."""
+    """95% intervals for ROC AUC, balanced accuracy, sensitivity and specificity at `threshold`, resampling
+    patients (not images) with replacement; resamples holding one class only are skipped (n_boot counts the rest)."""
     labels, probs, groups = np.asarray(labels), np.asarray(probs), np.asarray(groups)
     rng = np.random.default_rng(seed)
     uniq, inverse = np.unique(groups, return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
-    aucs, baccs = [], []
+    values: dict[str, list] = {"roc_auc": [], "balanced_accuracy": [], "sensitivity": [], "specificity": []}
     for _ in range(n_boot):
         pick = rng.integers(0, len(uniq), len(uniq))
         idx = np.concatenate([members[g] for g in pick])
         y = labels[idx]
         if y.min() == y.max():
             continue
-        aucs.append(skm.roc_auc_score(y, probs[idx]))
-        baccs.append(skm.balanced_accuracy_score(y, (probs[idx] >= threshold).astype(int)))
+        pred = probs[idx] >= threshold
+        values["roc_auc"].append(skm.roc_auc_score(y, probs[idx]))
+        values["sensitivity"].append(pred[y == 1].mean())
+        values["specificity"].append(1 - pred[y == 0].mean())
+        values["balanced_accuracy"].append((values["sensitivity"][-1] + values["specificity"][-1]) / 2)
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
-    return {
-        "roc_auc_ci": [float(v) for v in np.percentile(aucs, q)] if aucs else [float("nan")] * 2,
-        "balanced_accuracy_ci": [float(v) for v in np.percentile(baccs, q)] if baccs else [float("nan")] * 2,
-        "n_boot": len(aucs),
-    }
+    out = {f"{name}_ci": [float(v) for v in np.percentile(found, q)] if found else [float("nan")] * 2
+           for name, found in values.items()}
+    return {**out, "n_boot": len(values["roc_auc"])}
 
 
 def paired_bootstrap_auc(labels: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, groups: np.ndarray,

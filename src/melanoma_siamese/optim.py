@@ -8,7 +8,10 @@ from torch import nn
 from .config import SiameseConfig
 
 
-def _decay_split(params: list[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def _decay_split(params: list[nn.Parameter], everything: bool = False
+                 ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    if everything:
+        return list(params), []
     # Decaying a norm layer's scale or a bias towards zero only fights the normalisation it follows;
     # weight decay is meant for the matrices and kernels (as timm's and torchvision's references do).
     decay = [p for p in params if p.ndim > 1]
@@ -22,7 +25,7 @@ def build_optimizer(s: SiameseConfig, backbone: list[nn.Parameter], new: list[nn
     decayed and not decayed parameters."""
     groups = []
     for params, lr in ((backbone, s.lr * s.backbone_lr_scale), (new, s.lr)):
-        decay, no_decay = _decay_split(params)
+        decay, no_decay = _decay_split(params, s.decay_norm_and_bias)
         groups += [{"params": decay, "lr": lr, "weight_decay": s.weight_decay},
                    {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
     cls = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam

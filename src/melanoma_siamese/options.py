@@ -51,6 +51,8 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
         overrides.append(f"runtime.seed={args.seed}")
     if getattr(args, "no_progress", False):
         overrides.append("runtime.progress=false")
+    if getattr(args, "folds", None) is not None:
+        overrides.append(f"data.folds={args.folds}")
     if getattr(args, "skip_bad_images", False):
         overrides.append("data.skip_bad_images=true")
     if getattr(args, "tta", False):

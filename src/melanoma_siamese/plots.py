@@ -215,3 +215,29 @@ def image_grid(images: np.ndarray, titles: Sequence[str], path: Path, title: str
         ax.set_title(t, fontsize=7)
     fig.suptitle(title, fontsize=9)
     _save(fig, path)
+
+
+def results_by_group(report: dict, path: Path) -> None:
+    """Test ROC AUC per group (groups.results_by_group) as horizontal bars with 95% interval whiskers, counts on
+    the labels; a group with too few melanomas gets no bar and says so."""
+    rows = [(f"{grouping}: {group}\n{r['images']} images, {r['melanoma']} melanoma", r)
+            for grouping, groups in report["groupings"].items() for group, r in groups.items()]
+    fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.42 * max(len(rows), 1)))
+    for y, (_, r) in enumerate(rows):
+        if r["too_few_to_say"]:
+            ax.text(0.01, y, "too few melanomas to say", va="center", fontsize=7, color="dimgrey")
+            continue
+        ci = r.get("roc_auc_ci")
+        err = None
+        if ci and all(v is not None and np.isfinite(v) for v in ci):
+            err = [[max(r["roc_auc"] - ci[0], 0)], [max(ci[1] - r["roc_auc"], 0)]]
+        ax.barh(y, r["roc_auc"], xerr=err, color="tab:blue", alpha=0.7, capsize=3)
+        # Inside the bar's start, where no whisker reaches.
+        ax.text(0.01, y, f"{r['roc_auc']:.2f}", va="center", fontsize=7, color="white", fontweight="bold")
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("ROC AUC, test part (whiskers: 95% patient-bootstrap interval; dotted line: chance)", fontsize=8)
+    ax.set_title(f"Results by group (fewer than {report['min_melanoma']} melanomas: too few to say)", fontsize=9)
+    _save(fig, path)

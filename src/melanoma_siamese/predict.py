@@ -67,17 +67,27 @@ def _header(predictor) -> list[str]:
 def cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from .context import predict_with_context, read_context
     from .inference import DEFAULT_NEIGHBOURS, Predictor, load_run, predict_paths
     from .inputs import expand_inputs
 
+    from .saliency import GRADCAM_MISSING, gradcam_installed
+
+    if args.saliency is not None and not gradcam_installed():
+        raise ConfigError(f"--saliency: {GRADCAM_MISSING}")
     run = load_run(args.run, args.device)
     paths = expand_inputs(args.paths)
     if not paths:
         raise ConfigError(f"no image files found in {', '.join(map(str, args.paths))}")
     predictor = Predictor(run, args.engine, args.onnx, args.batch_size, args.prevalence)
     neighbours = args.neighbours or DEFAULT_NEIGHBOURS
-    rows = predict_paths(predictor, paths, neighbours, args.batch_size, args.saliency,
-                         int(args.max_megapixels * 1e6), progress=not args.no_progress and len(paths) > args.batch_size)
+    context = read_context(args.paths) if run.features != ("image",) else None
+    if context is not None:  # a run reading clinical or patient features, and CSV input with a patient column
+        rows = predict_with_context(predictor, paths, context, neighbours, int(args.max_megapixels * 1e6))
+    else:
+        rows = predict_paths(predictor, paths, neighbours, args.batch_size, args.saliency,
+                             int(args.max_megapixels * 1e6),
+                             progress=not args.no_progress and len(paths) > args.batch_size)
     print("\n".join(_header(predictor)))
     print(_terminal_table(rows, neighbours))
     unfamiliar = sum(bool(r.get("unfamiliar")) for r in rows)

@@ -55,6 +55,16 @@ class RunFolder:
     def skipped_images(self) -> Path:
         return self.root / "skipped_images.csv"
 
+    # What the run printed, each line time-stamped (tracking.TrainLog), and TensorBoard's event files and
+    # embedding projector (with the `track` extra).
+    @property
+    def train_log(self) -> Path:
+        return self.root / "train.log"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
     @property
     def models(self) -> Path:
         return self.root / "models"
@@ -90,6 +100,14 @@ class RunFolder:
         return self.root / "metrics.json"
 
     @property
+    def metrics_by_group(self) -> Path:
+        return self.root / "metrics_by_group.json"
+
+    @property
+    def model_card(self) -> Path:
+        return self.root / "MODEL_CARD.md"
+
+    @property
     def predictions(self) -> Path:
         return self.root / "predictions.csv"
 
@@ -103,6 +121,26 @@ class RunFolder:
 
     def image(self, name: str) -> Path:
         return self.images / name
+
+    # A K-fold ensemble (data.folds): each member is a run folder of its own; the fold of each training image,
+    # the members' out-of-fold predictions and their summary sit beside the ensemble's files.
+    def fold(self, index: int) -> "RunFolder":
+        return RunFolder(self.root / "folds" / f"fold{index}")
+
+    @property
+    def folds_file(self) -> Path:
+        return self.root / "folds.csv"
+
+    @property
+    def oof(self) -> Path:
+        return self.root / "oof_predictions.csv"
+
+    @property
+    def folds_summary(self) -> Path:
+        return self.root / "folds.json"
+
+    def read_folds_summary(self) -> Optional[dict]:
+        return self.read_json(self.folds_summary) if self.folds_summary.is_file() else None
 
     def external(self, name: str) -> "RunFolder":
         """Where `evaluate --data OTHER` writes: a run-shaped folder of its own under external/."""
@@ -144,6 +182,17 @@ class RunFolder:
         if saved is None:
             raise ConfigError(f"{self.run_json} is missing or names no data source; give --data")
         return {k: Path(saved[k]) if saved.get(k) else None for k in ("data", "metadata", "images")}
+
+    def read_split(self):
+        """split.csv as a DataFrame with the clinical columns (age, sex, site, skin_type), empty where a run
+        written before they existed lacks them."""
+        import pandas as pd
+
+        from .data.clinical import with_clinical
+
+        split = pd.read_csv(self.split, dtype={"isic_id": str, "patient_id": str, "sex": str, "site": str,
+                                               "skin_type": str}, keep_default_na=False, na_values={"age": [""]})
+        return with_clinical(split)
 
     def train_prevalence(self) -> Optional[float]:
         train = self.run_info().get("parts", {}).get("train")

@@ -6,11 +6,15 @@ lesion. So the map is taken at the latest stage that is still at least MIN_CELLS
 image size (layer4 of a ResNet at 256 px, layer2 at 64 px), and `SaliencyStage` says which, so a page can
 state the resolution. Where no stage is that fine (images under 32 px), the finest one is used and
 `SaliencyStage.useful` is False.
+
+A timm backbone's stages are the modules its feature_info names; a transformer's map is taken at its last
+block's first norm, its patch tokens laid on their grid (4x4 for 16 px patches at 64 px), so the map is as
+coarse as the patches and the caption says so.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -18,8 +22,17 @@ from torch import nn
 
 from .models import Classifier, Encoder
 from .preprocess import to_model_input
+from .timm_backbone import gradcam_stages, grid_transform, is_timm_model, is_token_model
 
 MIN_CELLS = 8
+GRADCAM_MISSING = "Grad-CAM needs the grad-cam package, which is not installed: pip install 'melanoma-siamese[gradcam]'"
+
+
+def gradcam_installed() -> bool:
+    """Whether the optional Grad-CAM package is there (this module imports it only when a map is drawn)."""
+    from importlib.util import find_spec
+
+    return find_spec("pytorch_grad_cam") is not None
 
 
 class MelanomaLogits(nn.Module):
@@ -37,34 +50,64 @@ class MelanomaLogits(nn.Module):
 
 @dataclass(frozen=True)
 class SaliencyStage:
-    """Where the map is taken and how fine it is: `cells` x `cells` at `image_size` px."""
+    """Where the map is taken and how fine it is: `cells` x `cells` at `image_size` px; `patches`: the cells are a
+    transformer's patches."""
 
     name: str
     cells: int
     image_size: int
+    patches: bool = False
 
     @property
     def useful(self) -> bool:
         return self.cells >= MIN_CELLS
 
     def describe(self) -> str:
-        text = (f"Grad-CAM at the backbone's {self.name}: a {self.cells}x{self.cells} map "
-                f"({self.image_size // self.cells} px cells) of the {self.image_size} px model input")
+        side = self.image_size // self.cells
+        shape = f"grid of {side} px patches" if self.patches else f"map ({side} px cells)"
+        text = (f"Grad-CAM at the backbone's {self.name}: a {self.cells}x{self.cells} {shape} "
+                f"of the {self.image_size} px model input")
         return text if self.useful else text + "; too coarse to point at a lesion"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "useful": self.useful}
 
 
+def _members(encoder: nn.Module) -> list[nn.Module]:
+    """An ensemble's member encoders; a single encoder is its own one member."""
+    return list(encoder.members) if hasattr(encoder, "members") else [encoder]
+
+
+def _backbone(encoder: nn.Module) -> nn.Module:
+    """The backbone of the encoder (of its first member: an ensemble's members share one design)."""
+    return _members(encoder)[0].backbone
+
+
 def stages(encoder: Encoder) -> list[tuple[str, nn.Module]]:
-    """The backbone's convolutional stages, input to output: ResNets' layer1-4 (their last block), the
-    `features` stack's blocks otherwise (EfficientNet, ConvNeXt, MobileNet)."""
-    backbone = encoder.backbone
+    """The backbone's stages, input to output: ResNets' layer1-4 (their last block), the `features` stack's
+    blocks otherwise (EfficientNet, ConvNeXt, MobileNet), timm_backbone.gradcam_stages for a timm model. An
+    ensemble's members share one design: the first member's are named (member_layers gives the same stage of
+    each)."""
+    backbone = _backbone(encoder)
+    if is_timm_model(backbone):
+        return gradcam_stages(backbone)
     if hasattr(backbone, "layer4"):
         return [(f"layer{i}", getattr(backbone, f"layer{i}")[-1]) for i in range(1, 5)]
     if hasattr(backbone, "features"):
         return [(f"features[{i}]", block) for i, block in enumerate(backbone.features)]
     raise ValueError(f"no known convolutional stages in {type(backbone).__name__} for Grad-CAM")
+
+
+def reshape_transform(encoder: nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """What makes a stage's output N x C x H x W for Grad-CAM (None where it is already: torchvision, CNNs)."""
+    backbone = _backbone(encoder)
+    return grid_transform(backbone) if is_timm_model(backbone) else None
+
+
+def member_layers(encoder: nn.Module, name: str) -> list[nn.Module]:
+    """The stage called `name` in each member of an ensemble (the one stage of a single encoder): Grad-CAM then
+    averages the members' maps, each scaled to [0, 1] (pytorch-grad-cam's multi-layer rule)."""
+    return [dict(stages(member))[name] for member in _members(encoder)]
 
 
 def target_layer(encoder: Encoder) -> nn.Module:
@@ -75,9 +118,9 @@ def target_layer(encoder: Encoder) -> nn.Module:
 def stage_sizes(encoder: Encoder, image_size: int) -> list[int]:
     """The shorter spatial side of each stage's output at this image size, from one forward pass of a
     blank image (exact for any backbone's strides and paddings)."""
-    named = stages(encoder)
+    named, grid = stages(encoder), reshape_transform(encoder) or (lambda out: out)
     sizes: dict[int, int] = {}
-    hooks = [module.register_forward_hook(lambda _m, _i, out, i=i: sizes.__setitem__(i, min(out.shape[-2:])))
+    hooks = [module.register_forward_hook(lambda _m, _i, out, i=i: sizes.__setitem__(i, min(grid(out).shape[-2:])))
              for i, (_, module) in enumerate(named)]
     was_training = encoder.training
     try:
@@ -104,11 +147,12 @@ def choose_stage(encoder: Encoder, image_size: int, min_cells: int = MIN_CELLS,
     else:
         fine = [i for i, size in enumerate(sizes) if size >= min_cells]
         pick = fine[-1] if fine else int(np.argmax(sizes))
-    return SaliencyStage(named[pick][0], sizes[pick], int(image_size)), named[pick][1]
+    patches = is_token_model(_backbone(encoder))
+    return SaliencyStage(named[pick][0], sizes[pick], int(image_size), patches), named[pick][1]
 
 
 def gradcam_maps(encoder: Encoder, classifier: Classifier, images: torch.Tensor,
-                 layer: Optional[nn.Module] = None) -> np.ndarray:
+                 layer: Optional[nn.Module | list[nn.Module]] = None) -> np.ndarray:
     """N x H x W maps in [0, 1] of the evidence for the melanoma logit (class 1), taken at `layer`
     (default: the stage `choose_stage` picks for these images' size)."""
     from pytorch_grad_cam import GradCAM
@@ -117,7 +161,8 @@ def gradcam_maps(encoder: Encoder, classifier: Classifier, images: torch.Tensor,
     if layer is None:
         layer = choose_stage(encoder, images.shape[-1])[1]
     model = MelanomaLogits(encoder, classifier)
-    with GradCAM(model=model, target_layers=[layer]) as cam:
+    with GradCAM(model=model, target_layers=layer if isinstance(layer, list) else [layer],
+                 reshape_transform=reshape_transform(encoder)) as cam:
         return cam(input_tensor=images, targets=[ClassifierOutputTarget(1)] * len(images))
 
 
@@ -132,9 +177,9 @@ def saliency_maps(run, pixels: np.ndarray, stage_name: Optional[str] = None) -> 
     """N x S x S maps in [0, 1] for N x S x S x 3 uint8 images of a loaded run (see predict.load_run), and
     the stage they were taken at (`stage_name`, e.g. "layer4", forces one; default: `choose_stage`)."""
     d = run.config.data
-    stage, layer = choose_stage(run.encoder, pixels.shape[1], name=stage_name)
+    stage, _ = choose_stage(run.encoder, pixels.shape[1], name=stage_name)
     images = to_model_input(torch.from_numpy(np.array(pixels, copy=True)), d.mean, d.std, run.device)
-    return gradcam_maps(run.encoder, run.classifier, images, layer), stage
+    return gradcam_maps(run.encoder, run.classifier, images, member_layers(run.encoder, stage.name)), stage
 
 
 class Saliency(NamedTuple):

@@ -34,6 +34,11 @@ NOTE = ("Research tool, not a diagnosis. The probability is calibrated on valida
 # while it is decoded, so this bounds the memory a burst can take; the rest wait in a queue.
 DEFAULT_WORKERS = 2
 DEFAULT_QUEUE = 64
+# Concurrent requests share one forward pass (microbatch): up to this many images, waiting up to this long for
+# requests still being decoded.
+DEFAULT_MAX_BATCH = 32
+DEFAULT_BATCH_WAIT_MS = 5.0
+MAX_NEIGHBOURS = 50
 
 
 class Service:
@@ -52,11 +57,25 @@ class Service:
         self.known = {str(i): run.image_paths[str(i)] for i in run.index.ids if str(i) in run.image_paths}
 
     def predict(self, data: bytes, saliency: bool, neighbours: int) -> dict:
-        pixels = read_image(data, self.run.config.data.image_size, self.max_pixels, self.run.checks)[None]
-        result = self.predictor.answers(pixels, neighbours)[0]
+        """One request on its own: decode, score, finish."""
+        pixels = self.decode(data)
+        return self.finish(self.answers(pixels[None])[0], pixels, saliency, neighbours)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """S x S x 3 uint8, or ImageRejected with the reason."""
+        return read_image(data, self.run.config.data.image_size, self.max_pixels, self.run.checks)
+
+    def answers(self, pixels: np.ndarray) -> list[dict]:
+        """Answers for a batch of images, each with the most similar known images a request may ask for (each
+        request keeps its own number in `finish`): one forward pass for any mix of requests."""
+        return self.predictor.answers(pixels, MAX_NEIGHBOURS)
+
+    def finish(self, result: dict, pixels: np.ndarray, saliency: bool, neighbours: int) -> dict:
+        """One request's answer: its neighbours, links to their images, the saliency overlay when asked."""
+        result = {**result, "similar": [dict(s) for s in result["similar"][:neighbours]]}
         for s in result["similar"]:
             s["image_url"] = f"/api/similar/{s['id']}/image" if s["id"] in self.known else None
-        result["saliency_png"], result["saliency_note"] = self.saliency(pixels) if saliency else (None, "")
+        result["saliency_png"], result["saliency_note"] = self.saliency(pixels[None]) if saliency else (None, "")
         result["threshold_source"] = self.run.thresholds.source
         result["knn_k"] = self.run.config.evaluation.knn_k
         result["note"] = NOTE
@@ -85,6 +104,7 @@ class Service:
     def health(self) -> dict:
         run = self.run
         return {"status": "ok", "run": run.path.name, "backbone": run.encoder.args["backbone"],
+                "models": int(run.encoder.args.get("members", 1)),  # K for a K-fold ensemble
                 "image_size": run.config.data.image_size, "threshold": run.thresholds.classifier,
                 "threshold_source": run.thresholds.source, "knn_threshold": run.thresholds.knn,
                 "index_size": int(len(run.index.ids)), "images_available": len(self.known),
@@ -94,7 +114,10 @@ class Service:
 
 
 def thumbnail_png(path: str, side: int = THUMBNAIL_SIDE) -> bytes:
-    with Image.open(path) as image:
+    from .data.hdf5 import read_source
+
+    source = read_source(path)
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
         image.draft("RGB", (side, side))
         image = image.convert("RGB")
         image.thumbnail((side, side))
@@ -189,6 +212,7 @@ def _run_schemas() -> dict:
         status: str
         run: str
         backbone: str
+        models: int  # 1, or K for a K-fold ensemble averaged in every answer
         image_size: int
         threshold: float
         threshold_source: str
@@ -213,22 +237,33 @@ def _run_schemas() -> dict:
 def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu", options: Optional[dict] = None):
     """options: `prevalence` (None: the run's default), `token` (required on every route but health when
-    set), `workers` and `queue` (requests decoded and scored at once, and waiting beyond them)."""
+    set), `workers` and `queue` (requests decoded at once, and waiting beyond them), `max_batch` and
+    `batch_wait_ms` (images scored in one forward pass, and how long to wait for requests still decoding)."""
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse
 
     from .admission import Admission, Busy
+    from .allocator import trim_freed_memory
     from .inference import load_run
+    from .microbatch import MicroBatcher
 
     options = options or {}
     service = Service(load_run(run_dir, device), max_pixels, options.get("prevalence"))
-    gate = Admission(options.get("workers", DEFAULT_WORKERS), options.get("queue", DEFAULT_QUEUE))
+    # Idle: freed decode buffers go back to the system, so memory falls back after a burst of large uploads.
+    gate = Admission(options.get("workers", DEFAULT_WORKERS), options.get("queue", DEFAULT_QUEUE),
+                     on_idle=trim_freed_memory)
+    batcher = MicroBatcher(service.answers, options.get("max_batch", DEFAULT_MAX_BATCH),
+                           options.get("batch_wait_ms", DEFAULT_BATCH_WAIT_MS) / 1000, gate.queue + gate.limit,
+                           expecting=lambda: gate.working + gate.waiting, retry_after=gate.retry_after)
+    app_state = {"service": service, "gate": gate, "batcher": batcher}  # for the bench and the tests
     page = (resources.files("melanoma_siamese") / "web" / "index.html").read_text(encoding="utf-8")
 
     schemas = _schemas()
     errors = {code: {"model": schemas.Error} for code in (400, 401, 404, 413, 415, 422, 503)}
     # No /docs or /redoc: their pages load scripts from a CDN and are blank offline; /openapi.json stays.
     app = FastAPI(title="melanoma-siamese", version="0.1.0", description=NOTE, docs_url=None, redoc_url=None)
+    for name, value in app_state.items():
+        setattr(app.state, name, value)
     app.add_middleware(BodyLimit, limit=max_upload_bytes + MULTIPART_OVERHEAD)
     if options.get("token"):
         from .auth import BearerToken
@@ -246,38 +281,44 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     @app.get("/api/health", response_model=schemas.Health)
     async def health() -> dict:
         # Answered on the event loop itself: never behind the work it reports on.
-        return {**service.health(), "max_upload_mb": max_upload_bytes / 1024 / 1024, "busy": gate.state()}
+        return {**service.health(), "max_upload_mb": max_upload_bytes / 1024 / 1024,
+                "busy": {**gate.state(), **batcher.state()}}
 
-    _prediction_route(app, service, gate, max_upload_bytes, (schemas.Prediction, errors))
+    _prediction_route(app, service, (gate, batcher), max_upload_bytes, (schemas.Prediction, errors))
     _thumbnail_route(app, service, errors)
+    from .serve_patient import patient_route
+
+    patient_route(app, service, gate, max_upload_bytes)
     return app
 
 
-def _prediction_route(app, service: Service, gate, max_upload_bytes: int, models: tuple) -> None:
+def _prediction_route(app, service: Service, bounds: tuple, max_upload_bytes: int, models: tuple) -> None:
+    """POST /api/predict. `bounds`: (admission.Admission over decoding, microbatch.MicroBatcher over scoring)."""
     from fastapi import File, HTTPException, Query, UploadFile
     from fastapi.concurrency import run_in_threadpool
 
     from .inference import DEFAULT_NEIGHBOURS
+    from .uploads import read_upload
 
     prediction, errors = models
-    megabytes = f"{max_upload_bytes / 1024 / 1024:g} MB"
+    gate, batcher = bounds
 
     @app.post("/api/predict", response_model=prediction, responses=errors)
     async def predict(file: UploadFile = File(..., description="one image (JPEG, PNG, ...)"),
                       saliency: bool = Query(False, description="add a Grad-CAM overlay as a PNG data URL"),
-                      neighbours: int = Query(DEFAULT_NEIGHBOURS, ge=1, le=50)) -> dict:
+                      neighbours: int = Query(DEFAULT_NEIGHBOURS, ge=1, le=MAX_NEIGHBOURS)) -> dict:
         if not _filename_is_safe(file.filename):
             raise HTTPException(400, "file name with a path in it; send the bare file name")
-        data = await file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"file over the upload limit of {megabytes}")
-        if not data:
-            raise HTTPException(400, "empty file")
+        data = await read_upload(file, max_upload_bytes)
+        # Decoding (the memory a huge upload takes) is bounded by the gate; the small decoded image then joins
+        # the batch being formed, and Grad-CAM, when asked, runs for this image alone.
         async with gate.slot():
             try:
-                return await run_in_threadpool(service.predict, data, saliency, neighbours)
+                pixels = await run_in_threadpool(service.decode, data)
             except ImageRejected as exc:
                 raise HTTPException(exc.status, str(exc)) from exc
+        answer = await batcher.submit(pixels)
+        return await run_in_threadpool(service.finish, answer, pixels, saliency, neighbours)
 
 
 def _thumbnail_route(app, service: Service, errors: dict) -> None:
@@ -296,7 +337,7 @@ def _thumbnail_route(app, service: Service, errors: dict) -> None:
             raise HTTPException(404, f"no known image with id {image_id!r}")
         try:
             return Response(thumbnail(path), media_type="image/png")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except (OSError, ValueError, KeyError, Image.DecompressionBombError) as exc:  # KeyError: gone from HDF5
             raise HTTPException(404, f"the image of {image_id} can no longer be read") from exc
 
 
@@ -313,7 +354,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--host {args.host} is reachable from other machines, and the page shows patients' "
                           f"training images: give a token with --token or the {TOKEN_ENV} environment variable "
                           "(clients send 'Authorization: Bearer TOKEN'; the page opens as /?token=TOKEN)")
-    options = {"prevalence": args.prevalence, "token": token, "workers": args.workers, "queue": args.queue}
+    options = {"prevalence": args.prevalence, "token": token, "workers": args.workers, "queue": args.queue,
+               "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms}
     app = create_app(args.run, int(args.max_upload_mb * 1024 * 1024), int(args.max_megapixels * 1e6), args.device,
                      options)
     print(f"Open http://{args.host}:{args.port}/" + ("?token=TOKEN" if token else "")
@@ -339,8 +381,14 @@ def add_parser(sub) -> None:
                                         "/api/health; needed when --host is not a loopback address (or set "
                                         "MELANOMA_SIAMESE_TOKEN)")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                        help=f"images decoded and scored at once (default {DEFAULT_WORKERS})")
+                        help=f"uploads decoded at once (default {DEFAULT_WORKERS})")
     parser.add_argument("--queue", type=int, default=DEFAULT_QUEUE,
                         help=f"requests waiting beyond those; more get 503 with Retry-After (default {DEFAULT_QUEUE})")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                        help=f"concurrent requests scored in one forward pass (default {DEFAULT_MAX_BATCH}; 1: one at "
+                             "a time)")
+    parser.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS,
+                        help="how long a batch waits for requests still being decoded (default "
+                             f"{DEFAULT_BATCH_WAIT_MS:g}; a lone request never waits)")
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
     parser.set_defaults(handler=cmd_serve)

@@ -48,11 +48,10 @@ def label_of_rows(prepared: Prepared) -> dict[int, int]:
     return dict(zip(prepared.table["row"], prepared.table["target"]))
 
 
-def _sharded_embed(encoder: Encoder, prepared: Prepared, rows: np.ndarray, config: Config, device: torch.device,
-                   d: Dist) -> np.ndarray:
+def _sharded_embed(encoder: Encoder, prepared: Prepared, rows: np.ndarray, config: Config, d: Dist) -> np.ndarray:
     """Each rank embeds every world_size-th row; the pieces are gathered back in order on every rank."""
     dd = config.data
-    mine = embed(encoder, prepared.array, rows[d.rank::d.world_size], dd.mean, dd.std, device)
+    mine = embed(encoder, prepared.array, rows[d.rank::d.world_size], dd.mean, dd.std)
     pieces = all_gather_objects(mine, d)
     out = np.zeros((len(rows), mine.shape[1]), dtype=np.float32)
     for rank, piece in enumerate(pieces):
@@ -66,8 +65,8 @@ def validate_encoder(encoder: Encoder, prepared: Prepared, config: Config, devic
     row_label = label_of_rows(prepared)
     val_labels = prepared.labels("val")
     ref_labels = np.array([row_label[r] for r in ref_rows])
-    val_emb = _sharded_embed(encoder, prepared, prepared.rows("val"), config, device, d)
-    ref_emb = _sharded_embed(encoder, prepared, ref_rows, config, device, d)
+    val_emb = _sharded_embed(encoder, prepared, prepared.rows("val"), config, d)
+    ref_emb = _sharded_embed(encoder, prepared, ref_rows, config, d)
     probs = knn_probabilities(val_emb, ref_emb, ref_labels, config.evaluation.knn_k)
     s = config.siamese
     val_loss = objective.validation_loss(torch.as_tensor(val_emb, device=device),
@@ -197,7 +196,7 @@ def _epoch(st: Stage1, progress: Progress, epoch: int, stop: StopFlag, hooks: Ho
         f"p@1={val['precision_at_1']:.4f} map@r={val['map_at_r']:.4f} mined={stats['mined']} "
         f"empty_batches={stats['empty_batches']}" + (" *" if improved else ""))
     progress.done = _finished(st, progress, epoch, log)
-    hooks.epoch_end(EpochEnd(epoch, d.rank, d.world_size, st.source.epoch_rows, st.encoder))
+    hooks.epoch_end(EpochEnd(epoch, d.rank, d.world_size, st.source.epoch_rows, st.encoder, progress.history))
     if d.main:
         save_state(st.run, progress, st.trainables)
 

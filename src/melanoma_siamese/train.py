@@ -1,6 +1,7 @@
 """A training run: validate data, split, run both stages, evaluate; what the run folder records."""
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import subprocess
@@ -28,6 +29,7 @@ from .runfolder import RunFolder, write_text_atomic
 from .runtime import resolve_device
 from .stage1 import label_of_rows, train_siamese, validation_reference
 from .stage2 import train_classifier
+from .tracking import open_tracker, session_log
 from .train_state import read_state
 
 Log = Callable[[str], None]
@@ -45,10 +47,7 @@ class DataSource:
 
 def load_source(config: Config, source: DataSource, progress: bool, log: Log) -> Prepared:
     """Read, decode (through the cache) and validate a data source as the configuration says."""
-    d = config.data
-    return load_and_validate(source.data, source.metadata, source.images, d.image_size, d.skip_bad_images,
-                             Path(d.cache_dir) if d.cache_dir else None, max(1, config.runtime.num_workers) * 2,
-                             progress, log)
+    return load_and_validate(source, config.data, max(1, config.runtime.num_workers) * 2, progress, log)
 
 
 def run_info(config: Config, device: torch.device, source: DataSource, prepared: Prepared) -> dict:
@@ -66,6 +65,7 @@ def run_info(config: Config, device: torch.device, source: DataSource, prepared:
         "command": sys.argv,
         "source": source.as_dict(),
         "layout": prepared.dataset.layout,
+        "labels": prepared.dataset.labels_rule,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "git_commit": commit,
@@ -86,8 +86,8 @@ def untrained_test_knn_auc(config: Config, prepared: Prepared, device: torch.dev
     d = config.data
     ref_rows = validation_reference(prepared, config.siamese.val_reference_max, config.runtime.seed)
     row_label = label_of_rows(prepared)
-    ref = embed(encoder, prepared.array, ref_rows, d.mean, d.std, device)
-    test = embed(encoder, prepared.array, prepared.rows("test"), d.mean, d.std, device)
+    ref = embed(encoder, prepared.array, ref_rows, d.mean, d.std)
+    test = embed(encoder, prepared.array, prepared.rows("test"), d.mean, d.std)
     probs = knn_probabilities(test, ref, np.array([row_label[r] for r in ref_rows]), config.evaluation.knn_k)
     return float(roc_auc_score(prepared.labels("test"), probs))
 
@@ -110,7 +110,7 @@ def input_sample(config: Config, prepared: Prepared, path: Path) -> None:
     plots.image_grid(np.stack(images), titles, path, f"Augmented training input ({d.image_size} px)")
 
 
-def _prepare(config: Config, source: DataSource, run: RunFolder, stage: str, resume: bool, d: Dist, log: Log
+def prepare_run(config: Config, source: DataSource, run: RunFolder, stage: str, resume: bool, d: Dist, log: Log
              ) -> tuple[Prepared, torch.device]:
     """Read and validate the data, split it (or reapply the run's split), and write the run's description.
     Every rank splits alike (so the split is the single-process one); only rank 0 writes."""
@@ -142,7 +142,7 @@ def _prepare(config: Config, source: DataSource, run: RunFolder, stage: str, res
     return prepared, device
 
 
-def _report_stage1(config: Config, prepared: Prepared, device: torch.device, run: RunFolder,
+def report_stage1(config: Config, prepared: Prepared, device: torch.device, run: RunFolder,
                    history: list[dict]) -> dict:
     """History, plots and the untrained-encoder baseline of stage 1 (rank 0)."""
     write_history(history, run.history("siamese"))
@@ -163,31 +163,41 @@ def run_train(config: Config, source: DataSource, run_dir: Path, stage: str = "a
     Under torchrun every rank trains its share of each stage-1 batch; the process group ends on every
     way out of stage 1, and only rank 0 writes files, prints, and runs stage 2 and the evaluation.
     `hooks` (fault injection, tracing) default to those the environment asks for (hooks.hooks_from_env).
+    Every line logged also goes to RUN/train.log; TensorBoard events to RUN/tensorboard (tracking.py).
     """
     from .evaluate import evaluate_run
 
     run = RunFolder(run_dir)
     hooks = hooks if hooks is not None else hooks_from_env()
     encoder, history = None, None
-    with process_group(config.runtime.device) as d:
+    with contextlib.ExitStack() as closing:
+        with process_group(config.runtime.device) as d:
+            trains_encoder = stage in ("all", "siamese")
+            log = session_log(run.train_log, log, stage, resume, d.main)
+            resume_state = read_state(run) if resume and trains_encoder else None
+            purge_from = (resume_state["epoch"] + 1 if resume_state else 0) if trains_encoder else None
+            tracker = closing.enter_context(open_tracker(config.runtime.tensorboard if d.main else "off",
+                                                         run.tensorboard, purge_from))
+            prepared, device = prepare_run(config, source, run, stage, resume, d, log)
+            if trains_encoder:
+                encoder, history = train_siamese(config, prepared, device, run, log, resume_state, d,
+                                                 tracker.hooks(hooks))
         if not d.main:
-            log = lambda line: None  # noqa: E731
-        prepared, device = _prepare(config, source, run, stage, resume, d, log)
-        if stage in ("all", "siamese"):
-            resume_state = read_state(run) if resume else None
-            encoder, history = train_siamese(config, prepared, device, run, log, resume_state, d, hooks)
-    if not d.main:
-        return {}
-    if encoder is None:
-        encoder, _ = load_model(run.siamese, "siamese")
-        encoder.to(device)
-    else:
-        baseline = _report_stage1(config, prepared, device, run, history)
-        if stage == "siamese":
-            return {"baseline": baseline}
-    classifier, cls_history = train_classifier(config, encoder, prepared, device, log)
-    save_model(classifier, run.classifier, kind_detail=config.classifier.kind)
-    write_history(cls_history, run.history("classifier"))
-    if cls_history:
-        plots.loss_curves(cls_history, run.image("classifier_loss.png"), "Stage 2: classifier", extra=("val_acc",))
-    return evaluate_run(run.root, config, prepared, device, log)
+            return {}
+        if encoder is None:
+            encoder, _ = load_model(run.siamese, "siamese")
+            encoder.to(device)
+        else:
+            baseline = report_stage1(config, prepared, device, run, history)
+            if stage == "siamese":
+                return {"baseline": baseline}
+        classifier, cls_history = train_classifier(config, encoder, prepared, log)
+        save_model(classifier, run.classifier, kind_detail=config.classifier.kind)
+        write_history(cls_history, run.history("classifier"))
+        tracker.scalars("classifier", cls_history)
+        if cls_history:
+            plots.loss_curves(cls_history, run.image("classifier_loss.png"), "Stage 2: classifier",
+                              extra=("val_acc",))
+        metrics = evaluate_run(run.root, config, prepared, device, log)
+        tracker.test_embedding(encoder, prepared, config, run.predictions)
+        return metrics

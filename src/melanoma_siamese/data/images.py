@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 from ..config import AugmentConfig
 from ..inputs import decode_image
 from ..preprocess import to_model_input
+from .hdf5 import MemberReader, split_member
 
 
 @dataclass
@@ -37,7 +38,7 @@ def _cache_key(paths: Sequence[str], size: int) -> str:
     digest = hashlib.sha1(f"v1|{size}".encode())
     for p in paths:
         try:
-            stat = os.stat(p)
+            stat = os.stat(split_member(p)[0])  # an HDF5 member: its file's size and time
             digest.update(f"|{p}|{stat.st_size}|{stat.st_mtime_ns}".encode())
         except OSError:
             digest.update(f"|{p}|absent".encode())
@@ -74,17 +75,19 @@ def build_cache(
         if not paths[i]:
             return i, None, ["file absent"], True
         try:
-            pixels, notes = decode_image(paths[i], size)
+            pixels, notes = decode_image(read(paths[i]), size)
             return i, pixels, notes, False
         except Exception as exc:  # PIL raises many types for bad files
             return i, None, [f"does not decode as an image ({type(exc).__name__}: {exc})"], True
 
     from tqdm.auto import tqdm
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    from ..progress import bar_disable
+
+    with MemberReader() as read, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(work, range(len(paths)))
-        for i, pixels, notes, failed in tqdm(results, total=len(paths), desc="Decoding images", disable=not progress,
-                                             leave=False):
+        for i, pixels, notes, failed in tqdm(results, total=len(paths), desc="Decoding images",
+                                             disable=bar_disable(progress), leave=False):
             if failed:
                 failures[i] = notes[0]
             else:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Protocol
 
 import numpy as np
 import pandas as pd
 
+from ..config import DataConfig
+from .clinical import CLINICAL_COLUMNS
 from .images import build_cache
 from .metadata import DataError, Dataset, Problem, read_dataset
 from .split import balanced_subsample, patient_split, split_problems, subsample_train_melanoma
@@ -31,13 +33,26 @@ class Prepared:
         return self.table[self.table["part"] == part]
 
 
-def load_and_validate(data_dir: Optional[Path], metadata: Optional[Path], images: Optional[Path], image_size: int,
-                      skip_bad_images: bool, cache_dir: Optional[Path], workers: int, progress: bool,
+class DataLocation(Protocol):
+    """Where the data is: a layout folder (`data`), or a metadata CSV with its image folder."""
+
+    data: Optional[Path]
+    metadata: Optional[Path]
+    images: Optional[Path]
+
+
+def load_and_validate(source: DataLocation, config: DataConfig, workers: int, progress: bool,
                       log=print) -> Prepared:
     """Read metadata, decode every image, and report every problem at once (DataError) unless skippable."""
-    dataset = read_dataset(data_dir, metadata, images)
+    dataset = read_dataset(source.data, source.metadata, source.images, config.image_types)
+    log(f"Labels: {dataset.labels_rule}")
     for warning in dataset.warnings:
         log(f"Warning: {warning}")
+    if dataset.dropped_image_types:
+        log(f"Left out (data.image_types={config.image_types}): " + ", ".join(
+            f"{n} '{kind}'" for kind, n in sorted(dataset.dropped_image_types.items())))
+    image_size, skip_bad_images = config.image_size, config.skip_bad_images
+    cache_dir = Path(config.cache_dir) if config.cache_dir else None
     table = dataset.table
     cache = build_cache(table["path"].tolist(), image_size, cache_dir, workers=workers, progress=progress)
     problems = list(dataset.problems)
@@ -95,7 +110,8 @@ def apply_saved_split(prepared: Prepared, split_file: Path) -> None:
 
 
 def write_split(prepared: Prepared, path: Path) -> None:
-    columns = ["isic_id", "patient_id", "target", "part"]
+    # The clinical columns make the run folder alone tell each image's age, sex, site and skin type.
+    columns = ["isic_id", "patient_id", "target", "part", *CLINICAL_COLUMNS]
     prepared.table[columns].to_csv(path, index=False)
 
 

@@ -1,0 +1,187 @@
+"""A model card per run (MODEL_CARD.md), rewritten by `evaluate` from what the run folder records.
+
+Every number comes from the run's own files (run.json, config, metrics, results by group); a section the
+run has nothing for says so rather than disappearing. No models, no torch.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .config import Config
+
+LICENCES = {
+    "generated": "none needed: generated cartoons written by `melanoma-siamese synth`, not photographs",
+    "isic": "CC BY-NC 4.0 (ISIC Archive: non-commercial use, with attribution; cite Rotemberg et al., Sci. Data 8, "
+            "34 (2021) for ISIC 2020)",
+    "ham10000": "CC BY-NC 4.0 (HAM10000: Tschandl et al., Sci. Data 5, 180161 (2018))",
+    "unknown": "not recorded: state the licence of this data before sharing results",
+}
+
+
+def licence(source: dict, layout: str, generated: bool) -> str:
+    if generated:
+        return LICENCES["generated"]
+    where = " ".join(str(v) for v in source.values() if v).lower()
+    if "ham10000" in where:
+        return LICENCES["ham10000"]
+    if layout in ("kaggle-256", "isic-2020-site", "isic-2020-kaggle", "isic-cli"):
+        return LICENCES["isic"]
+    return LICENCES["unknown"]
+
+
+def _ci(report: dict, key: str) -> str:
+    ci = report.get(f"{key}_ci")
+    value = report.get(key)
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci and None not in ci else "")
+
+
+def _data_section(info: dict, generated: bool) -> list[str]:
+    source = info.get("source", {})
+    parts = info.get("parts", {})
+    total = sum(p["images"] for p in parts.values())
+    melanoma = sum(p["melanoma"] for p in parts.values())
+    lines = ["## Data", "",
+             f"- Source: {' '.join(f'`--{k} {v}`' for k, v in source.items() if v) or 'not recorded'}",
+             f"- Layout: {info.get('layout', 'not recorded')}" + (" (generated images)" if generated else ""),
+             f"- Images: {total}, of which {melanoma} melanoma"
+             + (f" ({100 * melanoma / total:.1f}%)" if total else ""),
+             f"- Licence: {licence(source, info.get('layout', ''), generated)}"]
+    if info.get("skipped_images") or info.get("dropped_duplicates"):
+        lines.append(f"- Left out: {info.get('skipped_images', 0)} unreadable image(s), "
+                     f"{info.get('dropped_duplicates', 0)} listed duplicate(s)")
+    return lines + [""]
+
+
+def _split_section(info: dict, config: Config) -> list[str]:
+    d = config.data
+    seed = d.split_seed if d.split_seed is not None else config.runtime.seed
+    lines = ["## Split", "",
+             f"Grouped by patient (no patient in two parts), stratified by label, seed {seed}: "
+             f"{100 * (1 - d.val_fraction - d.test_fraction):.0f}/{100 * d.val_fraction:.0f}/"
+             f"{100 * d.test_fraction:.0f} train/val/test (`split.csv`).", "",
+             "| part | images | melanoma |", "| --- | --- | --- |"]
+    lines += [f"| {part} | {p['images']} | {p['melanoma']} |" for part, p in info.get("parts", {}).items()]
+    return lines + [""]
+
+
+def _recipe_section(config: Config, baseline: Optional[dict]) -> list[str]:
+    m, s, c = config.model, config.siamese, config.classifier
+    budget = f"{s.budget_images} backbone image passes" if s.budget_images else f"{s.epochs} epochs (no image cap)"
+    lines = ["## Recipe and budget", "",
+             f"- Encoder: {m.backbone}, weights {m.pretrained}, {m.embedding_dim}-d embedding, "
+             f"{config.data.image_size} px images",
+             f"- Stage 1: loss {s.loss}, mining {s.mining}, cross-entropy head weight {s.ce_weight}, "
+             f"optimizer {s.optimizer} lr {s.lr:g}, batch {s.batch_size}; budget {budget}",
+             f"- Stage 2: classifier {c.kind}; features {', '.join(getattr(c, 'features', ('image',)))}",
+             f"- Threshold rule: {config.evaluation.threshold} (chosen on the validation part)"]
+    if config.data.folds >= 2:
+        lines.append(f"- A {config.data.folds}-fold ensemble: {config.data.folds} models, each trained on the training "
+                     "part less one patient-grouped fold and validated on it; probability = the mean of the members', "
+                     "embedding distance = the mean of theirs (`folds/`, `oof_predictions.csv`); the budget is per model")
+    if baseline:
+        lines.append(f"- Spent: {baseline.get('backbone_image_passes', 'n/a')} backbone image passes, "
+                     f"{baseline.get('siamese_seconds', 0):.0f} s in stage 1; untrained-encoder kNN ROC AUC on "
+                     f"test {baseline.get('untrained_encoder_test_knn_auc', float('nan')):.3f}")
+    return lines + [""]
+
+
+def _folds_section(metrics: dict) -> list[str]:
+    folds = metrics.get("folds")
+    if not folds:
+        return []
+    oof = folds["out_of_fold"]
+    ci = oof.get("roc_auc_ci")
+    members = ", ".join(f"{m['test_roc_auc']:.3f}" for m in folds["members"])
+    return ["## Ensemble members", "",
+            f"Out-of-fold ROC AUC (each training image scored by the member that did not train on it): "
+            f"{oof['roc_auc']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "") + f" on {oof['images']} "
+            f"images, {oof['melanoma']} melanoma. Members' own test ROC AUC: {members}.", ""]
+
+
+def _metrics_section(metrics: dict) -> list[str]:
+    lines = ["## Metrics (test part)", "", "| set | images | melanoma | ROC AUC | sensitivity | specificity |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, key in (("natural prevalence", "test"), ("class-balanced subsample", "test_balanced")):
+        r = metrics.get(key)
+        if r:
+            lines.append(f"| {name} | {r['n']} | {r['n_melanoma']} | {_ci(r, 'roc_auc')} | {_ci(r, 'sensitivity')} | "
+                         f"{_ci(r, 'specificity')} |")
+    knn = metrics.get("knn", {}).get("test")
+    if knn:
+        lines.append(f"| kNN vote, natural prevalence | {knn['n']} | {knn['n_melanoma']} | {_ci(knn, 'roc_auc')} | "
+                     f"{_ci(knn, 'sensitivity')} | {_ci(knn, 'specificity')} |")
+    threshold = metrics.get("threshold", {}).get("classifier")
+    if threshold is not None:
+        n_boot = metrics.get("test", {}).get("n_boot")
+        lines += ["", f"Sensitivity and specificity at the threshold chosen on validation, {threshold:.4f} on the "
+                  "classifier's raw score; " + (f"95% intervals from {n_boot} patient resamples." if n_boot else
+                                                 "no intervals (evaluation.bootstrap is 0).")]
+    return lines + [""]
+
+
+def _calibration_section(metrics: dict) -> list[str]:
+    cal = metrics.get("calibration")
+    if not cal:
+        return ["## Calibration", "", "None: this run shows the classifier's raw score.", ""]
+    lines = ["## Calibration", "", f"{cal['method']}, fitted on the validation part; probabilities shown for a "
+             f"prevalence of {100 * cal['shown_at_prevalence']:.2f}% ({cal.get('shown_prevalence_source', '')})."]
+    if "test" in cal:
+        c = cal["test"]
+        lines.append(f"On test: expected calibration error {c['ece_before']:.3f} before, {c['ece_after']:.3f} after; "
+                     f"Brier {c['brier_before']:.3f} before, {c['brier_after']:.3f} after.")
+    return lines + [""]
+
+
+def _groups_section(groups: Optional[dict]) -> list[str]:
+    if not groups or not groups.get("groupings"):
+        return ["## Results by group", "", "The data has no sex, age, site or skin type to group by.", ""]
+    lines = ["## Results by group", "", f"Test part, same threshold; groups with fewer than {groups['min_melanoma']} "
+             "melanomas are marked too few to say (their counts stay).", "",
+             "| group | images | melanoma | ROC AUC | sensitivity | specificity |", "| --- | --- | --- | --- | --- | --- |"]
+    for grouping, found in groups["groupings"].items():
+        for group, r in found.items():
+            numbers = ("| " + r["note"] + " | | |") if r["too_few_to_say"] else \
+                f"| {_ci(r, 'roc_auc')} | {_ci(r, 'sensitivity')} | {_ci(r, 'specificity')} |"
+            lines.append(f"| {grouping}: {group} | {r['images']} | {r['melanoma']} {numbers}")
+    if groups.get("absent"):
+        lines.append(f"\nNot in the data: {', '.join(groups['absent'])}.")
+    return lines + [""]
+
+
+def _unfamiliar_section(metrics: dict) -> list[str]:
+    rule = metrics.get("unfamiliar")
+    if not rule:
+        return ["## Unfamiliar images", "", "This run has no unfamiliar-image rule (no validation images).", ""]
+    shares = ", ".join(f"{100 * v:.1f}% of {part}" for part, v in rule.get("flagged_share", {}).items())
+    return ["## Unfamiliar images", "", f"An image is flagged unfamiliar when its mean cosine distance to the "
+            f"{rule.get('k')} nearest training images is above the validation {100 * rule['quantile']:g}th "
+            f"percentile (cut {rule.get('cut', float('nan')):.4f}), or its texture is as far from the training "
+            f"images'. It flags {shares}.", ""]
+
+
+def _use_and_reproduce(info: dict, root: str) -> list[str]:
+    source = info.get("source", {})
+    data = " ".join(f"--{k} {v}" for k, v in source.items() if v) or "--data DIR"
+    return ["## Intended use and limits", "",
+            "A research tool, not a medical device: not for diagnosis or for deciding care. Its numbers hold for "
+            "data like the test part above (same source, devices and population); on other data measure first "
+            "(`melanoma-siamese evaluate --run RUN --data OTHER`). Groups marked too few to say are untested.", "",
+            "## How to reproduce", "", "```bash",
+            f"melanoma-siamese train {data} --config {root}/config.yaml --out runs/reproduced",
+            "melanoma-siamese evaluate --run runs/reproduced", "```", "",
+            f"Code: git commit {info.get('git_commit') or 'not recorded'}; versions "
+            + ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items()) + ".", ""]
+
+
+def model_card(root: str, config: Config, info: dict, metrics: dict, groups: Optional[dict],
+               baseline: Optional[dict], generated: bool) -> str:
+    """MODEL_CARD.md's text for the run at `root`."""
+    lines = [f"# Model card: {root}", "", "Research use only, not diagnosis. Written by `melanoma-siamese evaluate`; "
+             "rewritten each time the run is evaluated.", ""]
+    lines += _data_section(info, generated) + _split_section(info, config) + _recipe_section(config, baseline)
+    lines += _metrics_section(metrics) + _folds_section(metrics) + _calibration_section(metrics)
+    lines += _groups_section(groups)
+    lines += _unfamiliar_section(metrics) + _use_and_reproduce(info, root)
+    return "\n".join(lines)

@@ -1,0 +1,191 @@
+"""What a run leaves to look back on: train.log, TensorBoard event files, and whether progress bars show.
+
+train.log holds every line the run printed, each prefixed with the local time (ISO 8601, to the second).
+With the `track` extra (TensorBoard), RUN/tensorboard/ holds each stage's per-epoch scalars and the test
+embedding in the projector, with thumbnails and labels. Imports no torch until a tracker writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+import numpy as np
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from .config import Config
+    from .data.prepare import Prepared
+    from .hooks import EpochEnd, Hooks
+
+Log = Callable[[str], None]
+
+NOT_SCALARS = ("epoch", "best")
+PROJECTOR_MAX_IMAGES = 2000
+THUMBNAIL_PX = 32
+
+
+def now_stamp() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+class TrainLog:
+    """A run's `log` callable: prints each line through `echo` and appends it, time-stamped, to `path`.
+
+    The file is opened per line (and so flushed), so a run that crashes keeps every line it printed. Each
+    session first writes `=== train SESSION`: a "started" run starts the file anew; a "resumed" one
+    (`train --resume`) or a "continued" one (`train --stage classifier` on a trained run) appends to it."""
+
+    SESSIONS = ("started", "resumed", "continued")
+
+    def __init__(self, path: Path, echo: Log = print, session: str = "started"):
+        if session not in self.SESSIONS:
+            raise ValueError(f"TrainLog session {session!r} is not one of {', '.join(self.SESSIONS)}")
+        self.path, self.echo = Path(path), echo
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w" if session == "started" else "a", encoding="utf-8") as f:
+            f.write(f"{now_stamp()} === train {session}\n")
+
+    def __call__(self, line: str) -> None:
+        self.echo(line)
+        stamp = now_stamp()
+        with self.path.open("a", encoding="utf-8") as f:
+            f.writelines(f"{stamp} {part}\n" for part in (str(line).splitlines() or [""]))
+
+
+def session_log(path: Path, echo: Log, stage: str, resume: bool, main: bool) -> Log:
+    """The `log` a `train` session writes through: a TrainLog on rank 0 ("resumed" for --resume, "started" when
+    stage 1 trains, "continued" for stage 2 alone on a trained run); other ranks print and write nothing."""
+    if not main:
+        return lambda line: None
+    return TrainLog(path, echo, "resumed" if resume else "started" if stage in ("all", "siamese") else "continued")
+
+
+def open_tracker(setting: str, folder: Path, purge_from: Optional[int] = None) -> "Tracker":
+    """The run's TensorBoard writer as runtime.tensorboard says (auto: when the `track` extra is installed).
+
+    `purge_from`: the first stage-1 epoch this session writes (0 for a fresh run, the resumed epoch + 1 for
+    `train --resume`); TensorBoard hides events an earlier session wrote at that step or later. None: keep all
+    (a session that does not train stage 1)."""
+    if setting == "off":
+        return Tracker(None)
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        if setting == "on":
+            raise ConfigError(f"runtime.tensorboard=on needs TensorBoard ({exc}); install it with "
+                              "pip install 'melanoma-siamese[track]', or set runtime.tensorboard=off") from exc
+        return Tracker(None)
+    return Tracker(SummaryWriter(str(folder), purge_step=purge_from), purge_from or 0)
+
+
+class Tracker:
+    """TensorBoard event files of a run (rank 0 only); every method does nothing when `writer` is None."""
+
+    def __init__(self, writer, first_epoch: int = 0):
+        self.writer = writer
+        self._next_step = {"siamese": first_epoch}
+
+    @property
+    def enabled(self) -> bool:
+        return self.writer is not None
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def scalars(self, stage: str, history: Sequence[dict]) -> None:
+        """Each record's numbers as `stage/name` at step `epoch`, skipping epochs already written."""
+        if self.writer is None:
+            return
+        start = self._next_step.get(stage, 0)
+        for record in history:
+            step = int(record["epoch"])
+            if step < start:
+                continue
+            for name, value in record.items():
+                if name not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{stage}/{name}", value, step)
+            self._next_step[stage] = start = step + 1
+        self.writer.flush()
+
+    def hooks(self, hooks: "Hooks") -> "Hooks":
+        """`hooks` with stage 1's scalars written live at the end of every epoch (after any earlier callback)."""
+        if self.writer is None:
+            return hooks
+        earlier = hooks.on_epoch_end
+
+        def on_epoch_end(report: "EpochEnd") -> None:
+            if earlier is not None:
+                earlier(report)
+            self.scalars("siamese", report.history)
+
+        return dataclasses.replace(hooks, on_epoch_end=on_epoch_end)
+
+    def test_embedding(self, encoder: "torch.nn.Module", prepared: "Prepared", config: "Config",
+                       predictions: Optional[Path] = None) -> None:
+        """The test part's embedding in the projector (at most PROJECTOR_MAX_IMAGES, a seeded sample beyond),
+        each point with its thumbnail, label, ids and, where `predictions` (predictions.csv) has it, its score."""
+        if self.writer is None:
+            return
+        import torch
+
+        from .engine import embed
+
+        table = projector_sample(prepared.part("test"), PROJECTOR_MAX_IMAGES, config.runtime.seed)
+        if table.empty:
+            return
+        rows = table["row"].to_numpy()
+        d = config.data
+        embeddings = embed(encoder, prepared.array, rows, d.mean, d.std, tta=config.evaluation.tta)
+        header, metadata = projector_metadata(table, predictions)
+        self.writer.add_embedding(torch.from_numpy(embeddings), metadata=metadata, metadata_header=header,
+                                  label_img=thumbnails(prepared.array, rows), global_step=0, tag="test")
+        self.writer.flush()
+
+
+def projector_sample(table: "pd.DataFrame", limit: int, seed: int) -> "pd.DataFrame":
+    """The table itself when it has at most `limit` rows, else `limit` of them drawn with `seed` (in order)."""
+    if len(table) <= limit:
+        return table
+    keep = np.sort(np.random.default_rng(seed).choice(len(table), size=limit, replace=False))
+    return table.iloc[keep]
+
+
+def projector_metadata(table: "pd.DataFrame", predictions: Optional[Path]) -> tuple[list[str], list[list[str]]]:
+    """The projector's columns (label, isic_id, patient_id and, when scored, prob_melanoma) and one row each."""
+    import pandas as pd
+
+    header = ["label", "isic_id", "patient_id"]
+    columns = [np.where(table["target"].to_numpy() == 1, "melanoma", "benign"), table["isic_id"].astype(str),
+               table["patient_id"].astype(str)]
+    if predictions is not None and Path(predictions).is_file():
+        scored = pd.read_csv(predictions, dtype={"isic_id": str}).query("part == 'test'")
+        scored = scored.set_index("isic_id")["prob_melanoma"]
+        header.append("prob_melanoma")
+        columns.append(table["isic_id"].astype(str).map(scored).map(lambda p: f"{p:.4f}"))
+    return header, [list(values) for values in zip(*(list(c) for c in columns))]
+
+
+def thumbnails(array: np.ndarray, rows: np.ndarray, size: int = THUMBNAIL_PX, chunk: int = 256) -> "torch.Tensor":
+    """N x 3 x size x size floats in [0, 1] from the uint8 cache (antialiased downscaling)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for start in range(0, len(rows), chunk):
+        pixels = torch.from_numpy(np.asarray(array[rows[start:start + chunk]])).permute(0, 3, 1, 2).float() / 255
+        out.append(F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1))
+    return torch.cat(out) if out else torch.zeros((0, 3, size, size))

@@ -1,0 +1,60 @@
+"""The model card: every section present, numbers from the run's records, and written by evaluate."""
+from __future__ import annotations
+
+import json
+
+from melanoma_siamese.config import load_config
+from melanoma_siamese.model_card import LICENCES, licence, model_card
+from melanoma_siamese.runfolder import RunFolder
+
+from inference_run import shared_run
+
+INFO = {"source": {"data": "/data/isic2020-jpg-256"}, "layout": "kaggle-256", "git_commit": "abc123",
+        "versions": {"torch": "2.5"}, "parts": {"train": {"images": 700, "melanoma": 14},
+                                                "val": {"images": 100, "melanoma": 2},
+                                                "test": {"images": 200, "melanoma": 9}}}
+METRICS = {"threshold": {"classifier": 0.4321},
+           "test": {"n": 200, "n_melanoma": 9, "roc_auc": 0.912, "roc_auc_ci": [0.85, 0.96], "sensitivity": 0.778,
+                    "sensitivity_ci": [0.5, 1.0], "specificity": 0.8, "specificity_ci": [0.75, 0.85]},
+           "calibration": {"method": "platt", "shown_at_prevalence": 0.02, "shown_prevalence_source": "training part",
+                           "test": {"ece_before": 0.3, "ece_after": 0.05, "brier_before": 0.2, "brier_after": 0.04}}}
+GROUPS = {"min_melanoma": 5, "absent": ["skin type"], "groupings": {"sex": {
+    "female": {"images": 120, "melanoma": 6, "too_few_to_say": False, "roc_auc": 0.93, "roc_auc_ci": [0.8, 0.99],
+               "sensitivity": 0.83, "sensitivity_ci": [0.5, 1.0], "specificity": 0.81, "specificity_ci": [0.7, 0.9]},
+    "male": {"images": 80, "melanoma": 3, "too_few_to_say": True, "note": "too few to say (3 melanoma; ...)",
+             "roc_auc": None, "sensitivity": None, "specificity": None}}}}
+
+
+def test_card_sections_and_numbers():
+    text = model_card("runs/isic", load_config(), INFO, METRICS, GROUPS, None, generated=False)
+    for heading in ("## Data", "## Split", "## Recipe and budget", "## Metrics (test part)", "## Calibration",
+                    "## Results by group", "## Unfamiliar images", "## Intended use and limits", "## How to reproduce"):
+        assert heading in text
+    assert "Images: 1000, of which 25 melanoma (2.5%)" in text
+    assert "| natural prevalence | 200 | 9 | 0.912 (95% CI 0.850-0.960) |" in text
+    assert "ECE" not in text and "expected calibration error 0.300 before, 0.050 after" in text
+    assert "| sex: male | 80 | 3 | too few to say" in text and "Not in the data: skin type." in text
+    assert "not a medical device" in text and "CC BY-NC 4.0" in text
+    assert "melanoma-siamese train --data /data/isic2020-jpg-256 --config runs/isic/config.yaml" in text
+    assert "0.4321" in text and "abc123" in text
+
+
+def test_licence_by_source():
+    assert licence({"data": "/x/ham10000-sample"}, "kaggle-256", False) == LICENCES["ham10000"]
+    assert licence({"data": "/x/synthetic"}, "kaggle-256", True) == LICENCES["generated"]
+    assert licence({"metadata": "/x/my.csv"}, "custom", False) == LICENCES["unknown"]
+
+
+def test_card_says_what_a_run_lacks():
+    text = model_card("r", load_config(), {}, {}, None, None, generated=True)
+    assert "None: this run shows the classifier's raw score." in text
+    assert "has no sex, age, site or skin type to group by" in text
+
+
+def test_evaluate_writes_card_and_groups(tiny_data, tmp_path_factory):
+    run = RunFolder(shared_run(tiny_data, tmp_path_factory))
+    text = run.model_card.read_text()
+    assert "## Metrics (test part)" in text and "generated" in text and str(run.root) in text
+    report = json.loads(run.metrics_by_group.read_text())
+    assert report["threshold"] == json.loads(run.thresholds.read_text())["classifier"]
+    assert set(report) >= {"groupings", "absent", "min_melanoma"}
