@@ -21,7 +21,7 @@ from melanoma_siamese.options import config_path
 from melanoma_siamese.runfolder import RunFolder
 from melanoma_siamese.train import DataSource
 from melanoma_siamese.progress import bar_disable
-from melanoma_siamese.tracking import (TrainLog, open_tracker, projector_metadata, projector_sample,
+from melanoma_siamese.tracking import (TrainLog, open_tracker, projector_metadata, projector_positions,
                                        thumbnails)
 
 from helpers import TINY, set_args
@@ -183,18 +183,19 @@ def test_progress_bars_show_only_when_wanted_and_on_a_terminal(wanted, stream, s
     assert ("3/3" in stream.getvalue()) is shown
 
 
-def test_projector_sample_keeps_small_tables_and_draws_a_seeded_ordered_sample():
-    table = pd.DataFrame({"row": np.arange(10)})
-    assert projector_sample(table, 10, 0) is table
-    drawn = projector_sample(table, 4, 0)
-    assert len(drawn) == 4 and list(drawn["row"]) == sorted(drawn["row"])
-    assert list(drawn["row"]) == list(projector_sample(table, 4, 0)["row"])
+def test_projector_positions_keep_small_tables_and_draw_a_seeded_ordered_sample():
+    assert list(projector_positions(10, 10, 0)) == list(range(10))
+    drawn = projector_positions(10, 4, 0)
+    assert len(drawn) == 4 == len(set(drawn)) and list(drawn) == sorted(drawn)
+    assert list(drawn) == list(projector_positions(10, 4, 0))
 
 
-def test_projector_metadata_without_predictions_and_thumbnails_in_unit_range():
+def test_projector_metadata_with_and_without_scores_and_thumbnails_in_unit_range():
     table = pd.DataFrame({"isic_id": ["a", "b"], "patient_id": ["p", "q"], "target": [1, 0], "row": [0, 1]})
-    header, rows = projector_metadata(table, None)
+    header, rows = projector_metadata(table)
     assert header == ["label", "isic_id", "patient_id"] and rows == [["melanoma", "a", "p"], ["benign", "b", "q"]]
+    header, rows = projector_metadata(table.assign(prob_melanoma=[0.91234, 0.1]))
+    assert header[-1] == "prob_melanoma" and [r[-1] for r in rows] == ["0.9123", "0.1000"]
     array = np.zeros((2, 64, 64, 3), dtype=np.uint8)
     array[1] = 255
     thumbs = thumbnails(array, np.array([1, 0]), size=8)

@@ -212,8 +212,10 @@ def _on_other_data(run: LoadedRun, prepared: Prepared) -> tuple[pd.DataFrame, di
 
 
 def evaluate_run(run_dir: Path | RunFolder, config: Config, prepared: Prepared, device: torch.device,
-                 log: Log = print, external: Optional[Path] = None) -> dict:
-    """Evaluate on the saved split's test part, or (external) on every image of another dataset."""
+                 log: Log = print, external: Optional[Path] = None,
+                 on_test: Optional[Callable[[pd.DataFrame, np.ndarray], None]] = None) -> dict:
+    """Evaluate on the saved split's test part, or (external) on every image of another dataset.
+    `on_test` receives the scored test rows and their embeddings (the training tracker's projector uses them)."""
     folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
     run = load_run(folder, device, config=config, with_index=external is not None)
     d = config.data
@@ -238,6 +240,8 @@ def evaluate_run(run_dir: Path | RunFolder, config: Config, prepared: Prepared, 
     test = frame[frame["part"] == "test"]
     _plots(test, embeddings["test"], metrics["test"], out, config.runtime.seed, run.calibration)
     _groups_and_card(run, out, test, prepared, metrics, log)
+    if on_test is not None:
+        on_test(test, embeddings["test"])
     log(f"Wrote {out.metrics}, {out.predictions}, {out.metrics_by_group.name}, {out.model_card.name} and plots in "
         f"{out.images}")
     return metrics

@@ -163,11 +163,8 @@ def _finish(config: Config, prepared: Prepared, member_data: list[Prepared], enc
     run.write_json(run.baseline, _ensemble_baseline(members))
     run.write_json(run.folds_summary, summary)
     log(_summary_line(summary))
-    metrics = evaluate_run(run.root, config, prepared, device, log)
     with open_tracker(config.runtime.tensorboard, run.tensorboard) as tracker:
-        if tracker.enabled:
-            tracker.test_embedding(load_model(run.siamese, "siamese")[0].to(device), prepared, config, run.predictions)
-    return metrics
+        return evaluate_run(run.root, config, prepared, device, log, on_test=tracker.projector(prepared.array, config.runtime.seed))
 
 
 def _out_of_fold(run: RunFolder, members: list[RunFolder], config: Config) -> dict:

@@ -18,9 +18,6 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     import pandas as pd
     import torch
-
-    from .config import Config
-    from .data.prepare import Prepared
     from .hooks import EpochEnd, Hooks
 
 Log = Callable[[str], None]
@@ -134,48 +131,44 @@ class Tracker:
 
         return dataclasses.replace(hooks, on_epoch_end=on_epoch_end)
 
-    def test_embedding(self, encoder: "torch.nn.Module", prepared: "Prepared", config: "Config",
-                       predictions: Optional[Path] = None) -> None:
-        """The test part's embedding in the projector (at most PROJECTOR_MAX_IMAGES, a seeded sample beyond),
-        each point with its thumbnail, label, ids and, where `predictions` (predictions.csv) has it, its score."""
+    def projector(self, array: np.ndarray, seed: int) -> Optional[Callable[["pd.DataFrame", np.ndarray], None]]:
+        """`evaluate`'s `on_test` callback that puts the test embedding in the projector; None when not tracking."""
         if self.writer is None:
+            return None
+        return lambda test, embeddings: self.test_embedding(test, embeddings, array, seed)
+
+    def test_embedding(self, test: "pd.DataFrame", embeddings: np.ndarray, array: np.ndarray, seed: int) -> None:
+        """The test part's embedding in the projector, as `evaluate` computed it (at most PROJECTOR_MAX_IMAGES,
+        a seeded sample beyond): each point with its thumbnail, label, ids and score (`prob_melanoma`)."""
+        if self.writer is None or not len(test):
             return
         import torch
 
-        from .engine import embed
-
-        table = projector_sample(prepared.part("test"), PROJECTOR_MAX_IMAGES, config.runtime.seed)
-        if table.empty:
-            return
+        keep = projector_positions(len(test), PROJECTOR_MAX_IMAGES, seed)
+        table = test.iloc[keep]
         rows = table["row"].to_numpy()
-        d = config.data
-        embeddings = embed(encoder, prepared.array, rows, d.mean, d.std, tta=config.evaluation.tta)
-        header, metadata = projector_metadata(table, predictions)
-        self.writer.add_embedding(torch.from_numpy(embeddings), metadata=metadata, metadata_header=header,
-                                  label_img=thumbnails(prepared.array, rows), global_step=0, tag="test")
+        header, metadata = projector_metadata(table)
+        self.writer.add_embedding(torch.from_numpy(np.ascontiguousarray(embeddings[keep])), metadata=metadata,
+                                  metadata_header=header, label_img=thumbnails(array, rows), global_step=0,
+                                  tag="test")
         self.writer.flush()
 
 
-def projector_sample(table: "pd.DataFrame", limit: int, seed: int) -> "pd.DataFrame":
-    """The table itself when it has at most `limit` rows, else `limit` of them drawn with `seed` (in order)."""
-    if len(table) <= limit:
-        return table
-    keep = np.sort(np.random.default_rng(seed).choice(len(table), size=limit, replace=False))
-    return table.iloc[keep]
+def projector_positions(n: int, limit: int, seed: int) -> np.ndarray:
+    """Every position when there are at most `limit`, else `limit` of them drawn with `seed` (in order)."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
-def projector_metadata(table: "pd.DataFrame", predictions: Optional[Path]) -> tuple[list[str], list[list[str]]]:
+def projector_metadata(table: "pd.DataFrame") -> tuple[list[str], list[list[str]]]:
     """The projector's columns (label, isic_id, patient_id and, when scored, prob_melanoma) and one row each."""
-    import pandas as pd
-
     header = ["label", "isic_id", "patient_id"]
     columns = [np.where(table["target"].to_numpy() == 1, "melanoma", "benign"), table["isic_id"].astype(str),
                table["patient_id"].astype(str)]
-    if predictions is not None and Path(predictions).is_file():
-        scored = pd.read_csv(predictions, dtype={"isic_id": str}).query("part == 'test'")
-        scored = scored.set_index("isic_id")["prob_melanoma"]
+    if "prob_melanoma" in table:
         header.append("prob_melanoma")
-        columns.append(table["isic_id"].astype(str).map(scored).map(lambda p: f"{p:.4f}"))
+        columns.append([f"{p:.4f}" for p in table["prob_melanoma"]])
     return header, [list(values) for values in zip(*(list(c) for c in columns))]
 
 

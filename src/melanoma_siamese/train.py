@@ -198,6 +198,4 @@ def run_train(config: Config, source: DataSource, run_dir: Path, stage: str = "a
         if cls_history:
             plots.loss_curves(cls_history, run.image("classifier_loss.png"), "Stage 2: classifier",
                               extra=("val_acc",))
-        metrics = evaluate_run(run.root, config, prepared, device, log)
-        tracker.test_embedding(encoder, prepared, config, run.predictions)
-        return metrics
+        return evaluate_run(run.root, config, prepared, device, log, on_test=tracker.projector(prepared.array, config.runtime.seed))
