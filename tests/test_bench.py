@@ -22,12 +22,15 @@ def test_bench_reports_every_measurement(tmp_path, capsys):
     rows = {row["name"].split(",")[0].split(" at ")[0]: row for row in report["rows"]}
     assert set(rows) == {"cache build (decode every JPEG once)", "input pipeline", "backbone passes per training "
                          "image per epoch", "embedding extraction vs model-only forward", "anonymous RSS",
-                         "per-image CPU latency", "predict on 16 JPEG files vs model-only", "serve",
+                         "per-image CPU latency", "predict on 16 JPEG files vs model-only", "model alone", "serve",
                          "serve p95 latency"}
     engines = [r["name"].split(", ")[1] for r in report["rows"] if r["name"].startswith("predict on")]
     assert engines == ["torch", "onnxruntime"]
     clients = [r["name"].split(", ")[1] for r in report["rows"] if r["name"].startswith("serve, ")]
     assert clients == ["1 concurrent client(s)", "8 concurrent client(s)", "32 concurrent client(s)"]
+    ceiling = rows["model alone"]  # what batching can gain at most here, beside the serve rows it bounds
+    assert ceiling["name"] == "model alone, batch of 32 vs one image per pass, CPU" and ceiling["passed"] is None
+    assert ceiling["ratio"] == pytest.approx(ceiling["ours"] / ceiling["baseline"])
     latency = rows["per-image CPU latency"]
     assert latency["unit"] == "ms" and latency["passed"] is None
     for row in report["rows"]:
@@ -80,5 +83,6 @@ def test_gpu_bench_code_path_runs_on_a_cpu(tmp_path, monkeypatch):
     assert "distinct training images/s, ours vs the reference's way" in names
     assert any(n.startswith("predict on 16 JPEG files vs model-only, torch, CPU") for n in names)
     assert sum(n.startswith("serve") for n in names) == 4
+    assert "model alone, batch of 32 vs one image per pass, CPU" in names
     for r in rows:
         assert r.ours is None or math.isfinite(r.ours), r

@@ -384,7 +384,7 @@ def run_cpu(args: argparse.Namespace, work: Path, threads: int, workers: int) ->
 def serving(array: np.ndarray, paths: list[str], args: argparse.Namespace, work: Path, device: str) -> list[Row]:
     """predict against model-only (both engines on a CPU, PyTorch on a GPU) and the server batched against one
     request per forward pass, on a run folder made for the bench (bench_serving)."""
-    from .bench_serving import bench_run, predict_speed, serve_speed
+    from .bench_serving import SERVE_LEVELS, batching_ceiling, bench_run, predict_speed, serve_speed
 
     if args.no_serving:
         return []
@@ -399,9 +399,11 @@ def serving(array: np.ndarray, paths: list[str], args: argparse.Namespace, work:
         log(f"predict: {len(files)} JPEG files through `predict`'s path vs the {engine} scorer alone, {device} ...")
         rows.append(predict_speed(run_dir, files, engine, device, args.predict_batch))
         log(f"measured: {rows[-1]}")
+    log(f"model alone: a batch of {max(SERVE_LEVELS)} against one image per forward pass, {device} ...")
+    rows.append(batching_ceiling(run_dir, np.asarray(array[:max(SERVE_LEVELS)]), device))
     with open(paths[0], "rb") as image:
         rows += serve_speed(run_dir, image.read(), work, device, args.serve_requests)
-    log(f"measured: {rows[-4:]}")
+    log(f"measured: {rows[-5:]}")
     return rows
 
 

@@ -99,6 +99,32 @@ def predict_speed(run_dir: Path, paths: Sequence[str], engine: str, device: str,
                "unfamiliar check); model-only: the engine's scorer on the same images already decoded")
 
 
+def batching_ceiling(run_dir: Path, pixels: np.ndarray, device: str, repeats: int = 2) -> Row:
+    """The model alone: one forward pass over len(pixels) images against one pass per image, alternating. No
+    server can gain more from batching than this on the same device, so it is the ceiling of the serve rows."""
+    predictor = _predictor(run_dir, "torch", device, len(pixels))
+    sync = torch.cuda.synchronize if predictor.run.device.type == "cuda" else (lambda: None)
+    predictor.score(pixels)  # warm-up of both
+    predictor.score(pixels[:1])
+    times = {"batched": 0.0, "single": 0.0}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictor.score(pixels)
+        sync()
+        times["batched"] += time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(len(pixels)):
+            predictor.score(pixels[i:i + 1])
+        sync()
+        times["single"] += time.perf_counter() - start
+    n = repeats * len(pixels)
+    batched, single = n / times["batched"], n / times["single"]
+    where = "GPU" if predictor.run.device.type == "cuda" else "CPU"
+    return Row(f"model alone, batch of {len(pixels)} vs one image per pass, {where}", batched, single, "images/s",
+               batched / single, "-", None, "encoder + classifier, no server: the most any batching server can "
+               "gain over one request per forward pass on this device (the serve rows' ceiling)")
+
+
 @contextlib.contextmanager
 def serve_process(run_dir: Path, log_path: Path, *options: str) -> Iterator[str]:
     """`melanoma-siamese serve` on a free loopback port in its own process, once its health check answers."""
