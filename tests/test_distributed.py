@@ -21,10 +21,9 @@ def test_two_process_gloo_run(tiny_data, tmp_path):
     out = subprocess.run([sys.executable, "-m", "melanoma_siamese", "train", "--data", str(tiny_data), "--out",
                           str(single), "--stage", "siamese", *ARGS], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     ddp, trace = tmp_path / "ddp", tmp_path / "trace"
     env = {**os.environ, "MELANOMA_SIAMESE_TRACE": str(trace), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "melanoma_siamese", "train",
+    run = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "melanoma_siamese", "train",
                           "--data", str(tiny_data), "--out", str(ddp), *ARGS],
                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -46,6 +45,48 @@ def test_two_process_gloo_run(tiny_data, tmp_path):
     assert set(r0["rows"]) | set(r1["rows"]) <= train_rows
     metrics = json.loads((ddp / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["roc_auc"] <= 1.0 and metrics["test"]["n"] > 0
+
+
+def _torchrun() -> str:
+    return shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+
+
+@pytest.mark.slow
+def test_two_process_gloo_fold_ensemble(tiny_data, tmp_path):
+    """`train --folds 2` under torchrun: both members' stage 1 on both ranks in step, stage 2, out-of-fold
+    scores and the ensemble's evaluation on rank 0 alone, in one run folder."""
+    from melanoma_siamese.folds import assign_folds
+
+    ddp, trace = tmp_path / "ddp", tmp_path / "trace"
+    env = {**os.environ, "MELANOMA_SIAMESE_TRACE": str(trace), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "melanoma_siamese", "train",
+                          "--data", str(tiny_data), "--out", str(ddp), "--folds", "2", *ARGS],
+                         capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "trace"]
+    assert sorted(p.name for p in (ddp / "folds").iterdir()) == ["fold0", "fold1"]
+    assert run.stdout.count("[Siamese] Epoch 2/2") == 2  # one line per member: rank 0 alone prints
+    assert run.stdout.count("stage 2 and evaluation") == 2
+    # The folds are the ones one process assigns (same seed, same training part).
+    split = pd.read_csv(ddp / "split.csv", dtype={"isic_id": str, "patient_id": str})
+    train = split[split["part"] == "train"].reset_index(drop=True)
+    folds = pd.read_csv(ddp / "folds.csv", dtype={"isic_id": str})
+    assert list(folds["isic_id"]) == list(train["isic_id"])
+    assert list(folds["fold"]) == list(assign_folds(train, 2, 0, "split.csv"))
+    # The last member's epochs: disjoint shares of its training part, identical weights on both ranks.
+    member = pd.read_csv(ddp / "folds" / "fold1" / "split.csv", dtype={"isic_id": str})
+    for epoch in (1, 2):
+        r0 = json.loads((trace / f"rank0_epoch{epoch}.json").read_text())
+        r1 = json.loads((trace / f"rank1_epoch{epoch}.json").read_text())
+        assert not set(r0["rows"]) & set(r1["rows"]) and len(r0["rows"]) == len(r1["rows"])
+        assert set(r0["rows"]) | set(r1["rows"]) <= set(member.index[member["part"] == "train"])
+        assert r0["param_sum"] == r1["param_sum"] and r0["param_head"] == r1["param_head"]
+    for fold in ("fold0", "fold1"):
+        assert json.loads((ddp / "folds" / fold / "run.json").read_text())["world_size"] == 2
+    oof = pd.read_csv(ddp / "oof_predictions.csv", dtype={"isic_id": str})
+    assert sorted(oof["isic_id"]) == sorted(train["isic_id"])  # every training image scored once
+    metrics = json.loads((ddp / "metrics.json").read_text())
+    assert metrics["folds"]["k"] == 2 and 0.0 <= metrics["test"]["roc_auc"] <= 1.0
 
 
 # ----------------------------------------------- mining across ranks: the global batch, not each share
