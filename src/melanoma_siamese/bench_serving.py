@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -61,6 +61,18 @@ def _predictor(run_dir: Path, engine: str, device: str, batch: int):
     return Predictor(run, engine, batch_size=batch)
 
 
+def alternating_seconds(sides: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Total seconds of each side, run one after the other `repeats` times (alternating, so a noisy machine
+    slows both sides alike)."""
+    times = dict.fromkeys(sides, 0.0)
+    for _ in range(repeats):
+        for name, side in sides.items():
+            start = time.perf_counter()
+            side()
+            times[name] += time.perf_counter() - start
+    return times
+
+
 def predict_speed(run_dir: Path, paths: Sequence[str], engine: str, device: str, batch: int,
                   repeats: int = 2) -> Row:
     """`predict` (decode the files, score, describe each answer) against the engine's scorer alone on the same
@@ -79,17 +91,13 @@ def predict_speed(run_dir: Path, paths: Sequence[str], engine: str, device: str,
             predictor.score(pixels[start:start + batch])
         sync()
 
+    def predict() -> None:
+        rows = predict_paths(predictor, [Path(p) for p in paths], batch_size=batch)
+        assert all(r["status"] == "ok" for r in rows), "a generated image failed to decode"
+
     predictor.score(pixels[:batch])  # warm-up of both
     predict_paths(predictor, [Path(p) for p in paths[:batch]], batch_size=batch)
-    times = {"model": 0.0, "predict": 0.0}
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model_only()
-        times["model"] += time.perf_counter() - start
-        start = time.perf_counter()
-        rows = predict_paths(predictor, [Path(p) for p in paths], batch_size=batch)
-        times["predict"] += time.perf_counter() - start
-    assert all(r["status"] == "ok" for r in rows), "a generated image failed to decode"
+    times = alternating_seconds({"model": model_only, "predict": predict}, repeats)
     ours, model = repeats * len(paths) / times["predict"], repeats * len(paths) / times["model"]
     where = "GPU" if run.device.type == "cuda" else "CPU"
     return Row(f"predict on {len(paths)} JPEG files vs model-only, {engine}, {where}", ours, model, "images/s",
@@ -104,19 +112,18 @@ def batching_ceiling(run_dir: Path, pixels: np.ndarray, device: str, repeats: in
     server can gain more from batching than this on the same device, so it is the ceiling of the serve rows."""
     predictor = _predictor(run_dir, "torch", device, len(pixels))
     sync = torch.cuda.synchronize if predictor.run.device.type == "cuda" else (lambda: None)
-    predictor.score(pixels)  # warm-up of both
-    predictor.score(pixels[:1])
-    times = {"batched": 0.0, "single": 0.0}
-    for _ in range(repeats):
-        start = time.perf_counter()
+    def batched() -> None:
         predictor.score(pixels)
         sync()
-        times["batched"] += time.perf_counter() - start
-        start = time.perf_counter()
+
+    def single() -> None:
         for i in range(len(pixels)):
             predictor.score(pixels[i:i + 1])
         sync()
-        times["single"] += time.perf_counter() - start
+
+    predictor.score(pixels)  # warm-up of both
+    predictor.score(pixels[:1])
+    times = alternating_seconds({"batched": batched, "single": single}, repeats)
     n = repeats * len(pixels)
     batched, single = n / times["batched"], n / times["single"]
     where = "GPU" if predictor.run.device.type == "cuda" else "CPU"

@@ -164,7 +164,8 @@ def _finish(config: Config, prepared: Prepared, member_data: list[Prepared], enc
     run.write_json(run.folds_summary, summary)
     log(_summary_line(summary))
     with open_tracker(config.runtime.tensorboard, run.tensorboard) as tracker:
-        return evaluate_run(run.root, config, prepared, device, log, on_test=tracker.projector(prepared.array, config.runtime.seed))
+        return evaluate_run(run.root, config, prepared, device, log,
+                            on_test=tracker.projector(prepared.array, config.runtime.seed))
 
 
 def _out_of_fold(run: RunFolder, members: list[RunFolder], config: Config) -> dict:

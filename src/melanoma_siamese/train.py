@@ -198,4 +198,5 @@ def run_train(config: Config, source: DataSource, run_dir: Path, stage: str = "a
         if cls_history:
             plots.loss_curves(cls_history, run.image("classifier_loss.png"), "Stage 2: classifier",
                               extra=("val_acc",))
-        return evaluate_run(run.root, config, prepared, device, log, on_test=tracker.projector(prepared.array, config.runtime.seed))
+        return evaluate_run(run.root, config, prepared, device, log,
+                            on_test=tracker.projector(prepared.array, config.runtime.seed))
