@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from melanoma_siamese.bench import TimedBatches
+from melanoma_siamese.bench_training import TimedBatches
 from melanoma_siamese.cli import main
 
 TINY = ["--images", "48", "--size", "64", "--backbone", "resnet18", "--pipeline-images", "96", "--pass-images", "8",
@@ -70,15 +70,15 @@ def test_timed_batches_count_only_after_warmup():
 @pytest.mark.slow
 def test_gpu_bench_code_path_runs_on_a_cpu(tmp_path, monkeypatch):
     """bench --gpu's measurements, tried on the CPU (no GPU here): every row is made and finite."""
-    import melanoma_siamese.bench as bench
+    import melanoma_siamese.bench_gpu as bench_gpu
     from melanoma_siamese.cli import build_parser
 
-    monkeypatch.setattr(bench, "GPU_WARMUP", 2)
+    monkeypatch.setattr(bench_gpu, "GPU_WARMUP", 2)
     args = build_parser(["bench"]).parse_args(
         ["bench", "--gpu", "--size", "32", "--backbone", "resnet18", "--gpu-images", "64", "--gpu-batch", "16",
          "--gpu-reference-batches", "1", "--predict-images", "16", "--predict-batch", "8", "--serve-requests", "8",
          "--no-compile"])
-    rows = bench.run_gpu(args, tmp_path, 1, torch.device("cpu"))
+    rows = bench_gpu.run_gpu(args, tmp_path, 1, torch.device("cpu"))
     names = [r.name for r in rows]
     assert "distinct training images/s, ours vs the reference's way" in names
     assert any(n.startswith("predict on 16 JPEG files vs model-only, torch, CPU") for n in names)

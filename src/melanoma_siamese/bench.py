@@ -10,6 +10,9 @@ its ratio holds on a noisy or shared machine even where the absolute figures do 
   4. anonymous resident memory while training on the cache, at two dataset sizes (fresh processes).
 `--gpu` measures training throughput on a CUDA GPU instead: ours with every switch on vs the bare
 training step on tensors already on the GPU, and vs the reference's way on the same GPU.
+This module runs the command and the CPU rows; the parts live beside it: bench_training (each recipe's input
+and training step, the reference's loader, the timer), bench_memory, bench_gpu, bench_serving (predict and
+serve on a run folder it makes), bench_rows (the row and the log).
 """
 from __future__ import annotations
 
@@ -18,22 +21,24 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
+from .bench_gpu import GPU_WARMUP, run_gpu
+from .bench_memory import memory_flatness
 from .bench_rows import Row, log
+from .bench_serving import serving
+from .bench_training import (TimedBatches, batch_images, drain, mean_kib, our_epoch, our_source,
+                             reference_loader, short_epoch_passes, triplet_images)
 
 MALLOC_HINT = "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000"
-GPU_WARMUP = 10  # training steps before the GPU clock starts (cuDNN autotuning, allocator growth)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -141,190 +146,6 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-# ---------------------------------------------------------------------------------------------- timing
-
-
-class TimedBatches:
-    """Wraps a batch iterable; times everything from the request of batch `warmup` to the end.
-
-    The clock covers both making the timed batches and whatever the consumer does with them, so a
-    training loop that pulls from this measures images per second end to end. `sync` (e.g.
-    torch.cuda.synchronize) runs at both ends, so queued GPU work is counted where it belongs.
-    """
-
-    def __init__(self, batches: Iterable, warmup: int, count: Callable[[object], int],
-                 sync: Callable[[], None] = lambda: None):
-        self.batches, self.warmup, self.count, self.sync = batches, warmup, count, sync
-        self.images, self.seconds, self._start = 0, 0.0, None
-
-    def __iter__(self):
-        it = iter(self.batches)
-        index = 0
-        while True:
-            if index == self.warmup:
-                self.sync()
-                self._start = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                break
-            if index >= self.warmup:
-                self.images += self.count(batch)
-            yield batch
-            index += 1
-        self.sync()
-        if self._start is not None:
-            self.seconds = time.perf_counter() - self._start
-
-    @property
-    def rate(self) -> float:
-        if self._start is None or self.images == 0:
-            raise RuntimeError(f"nothing was timed: the batches ran out within the {self.warmup} warm-up batches")
-        return self.images / self.seconds
-
-
-def drain(timed: TimedBatches) -> float:
-    for _ in timed:
-        pass
-    return timed.rate
-
-
-def host_syncs_per_batch(batches: Iterable, skip: int, count: int) -> float:
-    """Mean number of times making one batch made the host wait for the GPU (CUDA's sync debug mode),
-    over `count` batches after `skip` (one-off set-up such as copying constants is not counted)."""
-    import warnings
-
-    it = iter(batches)
-    for _ in range(skip):
-        next(it)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for _ in range(count):
-                next(it)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    # Turning the mode on itself warns once that it is a prototype: not a sync.
-    return sum("synchronizing" in str(w.message) and "prototype" not in str(w.message) for w in caught) / count
-
-
-# ------------------------------------------------------------------------------- the reference's input
-
-
-class JpegTriplets(torch.utils.data.Dataset):
-    """The reference's input: each triplet opens and decodes its three JPEG files with PIL and
-    augments them one by one with torchvision's PIL transforms."""
-
-    def __init__(self, paths: list[str], triplets: np.ndarray, transform):
-        self.paths, self.triplets, self.transform = paths, triplets, transform
-
-    def __len__(self) -> int:
-        return len(self.triplets)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        out = []
-        for row in self.triplets[i]:
-            with Image.open(self.paths[int(row)]) as image:
-                out.append(self.transform(image.convert("RGB")))
-        return tuple(out)
-
-
-def mean_kib(paths: list[str]) -> float:
-    return float(np.mean([os.path.getsize(p) for p in paths])) / 1024
-
-
-def reference_transform(size: int, mean: float, std: float, augment):
-    """torchvision (v1) transforms on PIL images, as the reference: resize, rotate, jitter, flip, normalise."""
-    from torchvision import transforms as T
-
-    return T.Compose([
-        T.Resize((size, size)), T.RandomRotation(augment.rotation_degrees),
-        T.ColorJitter(augment.brightness, augment.contrast, augment.saturation, augment.hue),
-        T.RandomHorizontalFlip(), T.RandomVerticalFlip(), T.ToTensor(), T.Normalize([mean] * 3, [std] * 3)])
-
-
-def reference_loader(paths: list[str], triplets: np.ndarray, size: int, batch_triplets: int, workers: int,
-                     seed: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    from .config import DataConfig
-
-    d = DataConfig()
-    return torch.utils.data.DataLoader(
-        JpegTriplets(paths, triplets, reference_transform(size, d.mean, d.std, d.augment)),
-        batch_size=batch_triplets, shuffle=False, num_workers=workers, drop_last=True, pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed))
-
-
-def _triplet_images(batch) -> int:
-    return 3 * len(batch[0])
-
-
-def _batch_images(batch) -> int:
-    return len(batch[0])
-
-
-def recipe_config(recipe: str, backbone: str, size: int, batch: int, seed: int, epoch_images: int = 0):
-    """The configuration train would run for a recipe: 'ours' (balanced batches, multi-similarity loss and
-    miner, CE head, batches augmented as tensors on the device) or 'reference' (sampled triplets, fp32).
-    `batch` is the batch size in images ('ours') or triplets ('reference')."""
-    from .config import Config, DataConfig, ModelConfig, RuntimeConfig, SiameseConfig
-
-    if recipe == "ours":
-        siamese = SiameseConfig(loss="multi_similarity", mining="multi_similarity", margin=0.5, ce_weight=1.0,
-                                batch_size=batch, epoch_images=epoch_images, optimizer="adamw")
-        runtime = RuntimeConfig(seed=seed, num_workers=0, progress=False)
-    else:
-        siamese = SiameseConfig(loss="triplet", mining="sampled", margin=1.0, batch_size=batch,
-                                epoch_images=epoch_images)
-        runtime = RuntimeConfig(seed=seed, num_workers=0, progress=False, amp="off", channels_last="off")
-    return Config(data=DataConfig(image_size=size), model=ModelConfig(backbone, "none", 512), siamese=siamese,
-                  runtime=runtime)
-
-
-def train_step(config, labels: np.ndarray, device: torch.device):
-    """The training step train builds for `config` (encoder, objective, optimizer, precision, backend flags)."""
-    from .engine import TrainStep
-    from .models import Encoder
-    from .objective import make_objective
-    from .optim import encoder_optimizer
-    from .runtime import precision_for, set_backend_flags
-    from .stage1 import TrainModule
-
-    set_backend_flags(device)
-    precision = precision_for(config.runtime, device)
-    encoder = precision.layout(Encoder(config.model.backbone, "none", config.model.embedding_dim,
-                                       ce_head=config.siamese.ce_weight > 0).to(device))
-    objective = make_objective(config, labels, device)
-    optimizer = encoder_optimizer(config.siamese, encoder, objective.parameters())
-    return TrainStep(TrainModule(encoder, objective.metric_loss), objective, optimizer, precision)
-
-
-def our_source(array: np.ndarray, rows: np.ndarray, labels: np.ndarray, size: int, device: torch.device,
-               channels_last: bool = False, batch: int = 64, seed: int = 0):
-    """Our training input (batches.DeviceBatches, as train builds it): the uint8 cache, batches augmented
-    as tensors on `device`."""
-    from .batches import DeviceBatches
-
-    return DeviceBatches(recipe_config("ours", "resnet18", size, batch, seed), array, rows, labels, device,
-                         channels_last=channels_last)
-
-
-def our_epoch(source, labels: np.ndarray, batch: int, count: int, seed: int):
-    """`count` class-balanced batches of (images, labels) from `source`, as train_siamese draws them."""
-    from .data.sampler import BalancedBatchSampler
-
-    sampler = BalancedBatchSampler(labels, batch, seed, balanced=True, epoch_images=batch * count)
-    return ((images, y) for images, y, _ in source.batches(sampler.batches(), torch.Generator().manual_seed(seed)))
-
-
-def stacked_triplets(batches: Iterable, device: torch.device):
-    """(anchors, positives, negatives) batches as the training loop takes them: stacked, on `device`."""
-    for batch in batches:
-        yield torch.cat([t.to(device, non_blocking=True) for t in batch]), None
-
-
 # ------------------------------------------------------------------------------------------ CPU bench
 
 
@@ -371,39 +192,13 @@ def run_cpu(args: argparse.Namespace, work: Path, threads: int, workers: int) ->
                 f"{_count(threads, 'thread')}")]
     for measure in (lambda: input_pipelines(data, args, device, threads, workers),
                     lambda: passes_per_image(data, args, device), lambda: embedding_speed(data, args, device),
-                    lambda: memory_flatness(data, args, work, threads),
+                    lambda: memory_flatness(data.array, data.cache_path, args, work, threads),
                     lambda: inference_latency(data, args, work, threads),
                     lambda: serving(data.array, data.paths, args, work, "cpu")):
         start = time.perf_counter()
         found = measure()
         rows += found if isinstance(found, list) else [found]
         log(f"  {rows[-1].name}: {time.perf_counter() - start:.0f} s")
-    return rows
-
-
-def serving(array: np.ndarray, paths: list[str], args: argparse.Namespace, work: Path, device: str) -> list[Row]:
-    """predict against model-only (both engines on a CPU, PyTorch on a GPU) and the server batched against one
-    request per forward pass, on a run folder made for the bench (bench_serving)."""
-    from .bench_serving import SERVE_LEVELS, batching_ceiling, bench_run, predict_speed, serve_speed
-
-    if args.no_serving:
-        return []
-    run_dir = bench_run(work / "bench-run", array, args.backbone, args.seed)
-    files = [paths[i % len(paths)] for i in range(args.predict_images)]
-    from importlib.util import find_spec
-
-    # onnxruntime runs the exported model on the CPU here: on a GPU machine only PyTorch is measured.
-    engines = ["torch"] if device == "cuda" or find_spec("onnxruntime") is None else ["torch", "onnxruntime"]
-    rows = []
-    for engine in engines:
-        log(f"predict: {len(files)} JPEG files through `predict`'s path vs the {engine} scorer alone, {device} ...")
-        rows.append(predict_speed(run_dir, files, engine, device, args.predict_batch))
-        log(f"measured: {rows[-1]}")
-    log(f"model alone: a batch of {max(SERVE_LEVELS)} against one image per forward pass, {device} ...")
-    rows.append(batching_ceiling(run_dir, np.asarray(array[:max(SERVE_LEVELS)]), device))
-    with open(paths[0], "rb") as image:
-        rows += serve_speed(run_dir, image.read(), work, device, args.serve_requests)
-    log(f"measured: {rows[-5:]}")
     return rows
 
 
@@ -453,51 +248,16 @@ def input_pipelines(data: Data, args: argparse.Namespace, device: torch.device, 
     log(f"input pipeline, reference: PIL decode + torchvision transforms, triplets of {batch_triplets}, "
         f"{workers} DataLoader workers ...")
     loader = reference_loader(data.paths, triplets, args.size, batch_triplets, workers, args.seed)
-    reference = drain(TimedBatches(loader, warmup=max(1, workers), count=_triplet_images))
+    reference = drain(TimedBatches(loader, warmup=max(1, workers), count=triplet_images))
     log(f"input pipeline, ours: memmap cache + batched augmentation, batches of {batch}, "
         f"{_count(threads, 'thread')} ...")
     source = our_source(data.array, all_rows, data.labels, args.size, device, batch=batch, seed=args.seed)
     batches = our_epoch(source, data.labels, batch, 1 + math.ceil(args.pipeline_images / batch), args.seed)
-    ours = drain(TimedBatches(batches, warmup=1, count=_batch_images))
+    ours = drain(TimedBatches(batches, warmup=1, count=batch_images))
     return Row("input pipeline, images/s delivered to the model", ours, reference, "images/s", ours / reference,
                ">= 3x", ours / reference >= 3,
                f"reference: {workers} workers, 3 images per triplet, JPEGs of {mean_kib(data.paths):.0f} KiB on "
                f"average; ours: in-process, {_count(threads, 'thread')}")
-
-
-class PassCounter:
-    """Forward hook that counts the images passed through a module."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.images = 0
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, module, inputs, output) -> None:
-        self.images += len(inputs[0])
-
-    def close(self) -> None:
-        self.handle.remove()
-
-
-def short_epoch_passes(recipe: str, array: np.ndarray, rows: np.ndarray, labels: np.ndarray, backbone: str,
-                       size: int, device: torch.device, seed: int) -> float:
-    """Backbone passes per training image in one epoch over `rows` of the recipe, with the batch source and
-    training step train builds: 'reference' (sampled triplets, three passes each) or 'ours' (balanced
-    batches, in-batch mining)."""
-    from .batches import make_batch_source
-    from .engine import train_siamese_epoch
-
-    torch.manual_seed(seed)
-    n = len(rows)
-    # An epoch of the reference: as many sampled triplets as training images, in two batches; ours: one batch.
-    config = recipe_config(recipe, backbone, size, n // 2 if recipe == "reference" else n, seed, epoch_images=n)
-    step = train_step(config, labels, device)
-    counter = PassCounter(step.model.encoder)
-    try:
-        train_siamese_epoch(step, make_batch_source(config, array, rows, labels, device).epoch(1))
-    finally:
-        counter.close()
-    return counter.images / n
 
 
 def passes_per_image(data: Data, args: argparse.Namespace, device: torch.device) -> Row:
@@ -553,318 +313,6 @@ def embedding_speed(data: Data, args: argparse.Namespace, device: torch.device) 
     return Row("embedding extraction vs model-only forward", ours, baseline, "images/s", ours / baseline, ">= 0.9",
                ours / baseline >= 0.9,
                f"{args.backbone}, batch {b}, {images} images each side, no_grad, fp32, {layout} input on both sides")
-
-
-def read_rss() -> dict[str, int]:
-    """RssAnon and RssFile of this process in KiB (Linux), from /proc/self/status."""
-    out = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssFile", "VmHWM"):
-                out[key] = int(value.split()[0])
-    return out
-
-
-def memory_probe(cache_path: str, backbone: str, size: int, batch: int, steps: int, threads: int,
-                 seed: int) -> dict:
-    """Train `steps` steps of our recipe on a memory-mapped cache file; anonymous memory afterwards (KiB).
-
-    Run in a fresh process per dataset size, so the two readings do not share a heap.
-    """
-    import gc
-
-    from .batches import make_batch_source
-    from .engine import train_siamese_epoch
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    device = torch.device("cpu")
-    array = np.load(cache_path, mmap_mode="r")
-    labels = (np.arange(len(array)) % 4 == 0).astype(np.int64)
-    config = recipe_config("ours", backbone, size, batch, seed, epoch_images=batch * steps)
-    stats = train_siamese_epoch(train_step(config, labels, device),
-                                make_batch_source(config, array, np.arange(len(array)), labels, device).epoch(1))
-    gc.collect()
-    return {"images": len(array), "steps": stats["steps"], **read_rss()}
-
-
-def tiled_cache(source: np.ndarray, path: Path, count: int) -> Path:
-    """A cache file of `count` rows, the source rows repeated (no decoding, so a large size is quick)."""
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(count,) + source.shape[1:])
-    for start in range(0, count, len(source)):
-        stop = min(count, start + len(source))
-        out[start:stop] = source[:stop - start]
-    out.flush()
-    del out
-    return path
-
-
-def run_probe(cache_path: Path, args: argparse.Namespace, threads: int) -> dict:
-    kwargs = {"cache_path": str(cache_path), "backbone": args.backbone, "size": args.size,
-              "batch": args.memory_batch, "steps": args.memory_steps, "threads": threads, "seed": args.seed}
-    code = ("import json, sys; from melanoma_siamese.bench import memory_probe; "
-            "print(json.dumps(memory_probe(**json.loads(sys.argv[1]))))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"the memory probe on {cache_path} failed (exit {done.returncode}):\n"
-                           f"{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def memory_flatness(data: Data, args: argparse.Namespace, work: Path, threads: int) -> Row:
-    if not Path("/proc/self/status").is_file():
-        return Row("anonymous memory, training on the cache", float("nan"), None, "MiB", None, "flat (<= 1.25x)",
-                   None, "not measured: /proc/self/status (Linux) is not available")
-    large_count = args.images * args.memory_scale
-    large = tiled_cache(data.array, work / f"cache-x{args.memory_scale}.npy", large_count)
-    log(f"memory: {args.memory_steps} training steps of batch {args.memory_batch} in fresh processes, on caches of "
-        f"{args.images} and {large_count} images ...")
-    try:
-        small_rss = run_probe(data.cache_path, args, threads)
-        large_rss = run_probe(large, args, threads)
-    finally:
-        large.unlink(missing_ok=True)
-    small_mib, large_mib = small_rss["RssAnon"] / 1024, large_rss["RssAnon"] / 1024
-    ratio = large_mib / small_mib
-    mib = data.array[0].nbytes / 2**20
-    return Row(f"anonymous RSS at {large_count} vs {args.images} images", large_mib, small_mib, "MiB", ratio,
-               "<= 1.25x", ratio <= 1.25,
-               f"RssAnon after {args.memory_steps} steps; the caches are {args.images * mib:,.0f} and "
-               f"{large_count * mib:,.0f} MiB (file-backed RSS {small_rss['RssFile'] / 1024:.0f} and "
-               f"{large_rss['RssFile'] / 1024:.0f} MiB)")
-
-
-# ------------------------------------------------------------------------------------------ GPU bench
-
-
-def synthetic_uint8(n: int, size: int, device: torch.device, seed: int, chunk: int = 512) -> np.ndarray:
-    """n x size x size x 3 uint8 lesion-like images made on `device` (an ellipse on skin, with noise):
-    a training cache without JPEG files or decoding."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = np.empty((n, size, size, 3), dtype=np.uint8)
-    axis = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
-    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
-
-    def rand(*shape):
-        return torch.rand(*shape, device=device, generator=generator)
-
-    for start in range(0, n, chunk):
-        b = min(chunk, n - start)
-        skin = torch.tensor([0.85, 0.65, 0.55], device=device) + 0.05 * (rand(b, 3) - 0.5)
-        lesion = torch.tensor([0.45, 0.28, 0.18], device=device) * (0.6 + 0.6 * rand(b, 1)) + 0.08 * (rand(b, 3) - 0.5)
-        cy, cx = (0.35 + 0.3 * rand(b, 2)).unbind(1)
-        ry, rx = (0.14 + 0.16 * rand(b, 2)).unbind(1)
-        angle = math.pi * rand(b)
-        dy, dx = yy - cy.view(b, 1, 1), xx - cx.view(b, 1, 1)
-        cos, sin = torch.cos(angle).view(b, 1, 1), torch.sin(angle).view(b, 1, 1)
-        u, v = (dx * cos + dy * sin) / rx.view(b, 1, 1), (-dx * sin + dy * cos) / ry.view(b, 1, 1)
-        inside = (u * u + v * v < 1).unsqueeze(-1)
-        image = torch.where(inside, lesion.view(b, 1, 1, 3), skin.view(b, 1, 1, 3))
-        image = image + 0.04 * (rand(b, size, size, 3) - 0.5)
-        out[start:start + b] = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return out
-
-
-def write_jpegs(array: np.ndarray, folder: Path, threads: int) -> list[str]:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [str(folder / f"{i:06d}.jpg") for i in range(len(array))]
-
-    def save(i: int) -> None:
-        Image.fromarray(np.asarray(array[i])).save(paths[i], quality=95)
-
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(save, range(len(array))))
-    return paths
-
-
-@dataclass
-class GpuRun:
-    """What the GPU measurements share: the data, and the settings train would use on this device."""
-    args: argparse.Namespace
-    device: torch.device
-    array: np.ndarray
-    labels: np.ndarray
-    sync: Callable[[], None]
-
-    def config(self, recipe: str, batch: int):
-        return recipe_config(recipe, self.args.backbone, self.args.size, batch, self.args.seed)
-
-    def train(self, step, batches: Iterable) -> None:
-        from .engine import train_siamese_epoch
-
-        train_siamese_epoch(step, batches)
-
-
-def _gpu_ours(g: GpuRun) -> dict:
-    """Model-only step, ours end to end, our input alone, and host waits per batch of our input."""
-    args, device, batch, warmup = g.args, g.device, g.args.gpu_batch, GPU_WARMUP
-    config = g.config("ours", batch)
-    step = train_step(config, g.labels, device)
-    precision = step.precision
-    log(f"GPU, model-only: the training step on random tensors already on the GPU, batch {batch}, "
-        f"{precision.name} ...")
-    images = precision.layout(torch.randn(batch, 3, args.size, args.size, device=device))
-    fixed = (images, torch.arange(batch, device=device) % 2)
-    steps = max(warmup + 20, min(len(g.array) // batch, warmup + 60))
-    timed = TimedBatches((fixed for _ in range(steps)), warmup, _batch_images, g.sync)
-    g.train(step, timed)
-    out = {"model_only": timed.rate, "precision": precision.name}
-    log(f"GPU, ours: one epoch of {len(g.array)} images, GPU-resident cache, batched GPU augmentation, "
-        f"{precision.name} ...")
-    source = our_source(g.array, np.arange(len(g.array)), g.labels, args.size, device, precision.channels_last,
-                        batch, args.seed)
-    out["resident"] = ("GPU-resident cache" if source.on_device is not None else "cache streamed from pinned memory")
-    step = train_step(config, g.labels, device)
-    timed = TimedBatches(our_epoch(source, g.labels, batch, len(g.array) // batch, args.seed), warmup,
-                         _batch_images, g.sync)
-    g.train(step, timed)
-    out["ours"] = timed.rate
-    del step
-    # Our input alone (gather + augment, nothing trained): is it a throughput limit or only serialised?
-    out["input_only"] = drain(TimedBatches(our_epoch(source, g.labels, batch, warmup + 40, args.seed + 1), warmup,
-                                           _batch_images, g.sync))
-    out["syncs"] = (host_syncs_per_batch(our_epoch(source, g.labels, batch, 30, args.seed + 2), 5, 20)
-                    if device.type == "cuda" else None)
-    log(f"measured: {out}")
-    return out
-
-
-def _gpu_compiled(g: GpuRun) -> dict:
-    """Model-only and ours again with the training module under torch.compile (as runtime.compile), compiled
-    during the warm-up; how long the compilation and warm-up took. Measured last: compiling takes longest."""
-    from .runtime import precision_for
-
-    args, batch, warmup = g.args, g.args.gpu_batch, GPU_WARMUP
-    config = g.config("ours", batch)
-    source = our_source(g.array, np.arange(len(g.array)), g.labels, args.size, g.device,
-                        precision_for(config.runtime, g.device).channels_last, batch, args.seed)
-    steps = max(warmup + 20, min(len(g.array) // batch, warmup + 60))
-    log(f"GPU, torch.compile: compiling the training step during the {warmup} warm-up steps ...")
-    step = train_step(config, g.labels, g.device)
-    step.model = torch.compile(step.model)
-    images = step.precision.layout(torch.randn(batch, 3, args.size, args.size, device=g.device))
-    fixed = (images, torch.arange(batch, device=g.device) % 2)
-    start = time.perf_counter()
-    timed = TimedBatches((fixed for _ in range(steps)), warmup, _batch_images, g.sync)
-    g.train(step, timed)
-    out = {"compiled_model_only": timed.rate, "compile_seconds": time.perf_counter() - start - timed.seconds}
-    log(f"GPU, torch.compile: compiled and warmed up in {out['compile_seconds']:.0f} s; ours, one epoch ...")
-    timed = TimedBatches(our_epoch(source, g.labels, batch, len(g.array) // batch, args.seed), warmup,
-                         _batch_images, g.sync)
-    g.train(step, timed)
-    out["compiled_ours"] = timed.rate
-    log(f"measured: {out}")
-    return out
-
-
-def _gpu_reference(g: GpuRun, work: Path, workers: int) -> dict:
-    """The reference's model-only step and the reference's way end to end (JPEGs, PIL, workers, fp32)."""
-    from .data.images import sample_triplets
-
-    args, device, size, warmup = g.args, g.device, g.args.size, GPU_WARMUP
-    log("GPU, the reference's model-only step: fp32, 32 random triplets already on the GPU ...")
-    step = train_step(g.config("reference", 32), g.labels, device)
-    triplet = tuple(torch.randn(32, 3, size, size, device=device) for _ in range(3))
-    timed = TimedBatches((triplet for _ in range(warmup + 30)), warmup, _triplet_images, g.sync)
-    g.train(step, stacked_triplets(timed, device))
-    out = {"reference_model_only": timed.rate}
-    del step, triplet
-    reference_images = min(len(g.array), 4000)
-    log(f"GPU, reference's way: writing {reference_images} JPEGs, then PIL + torchvision per sample, "
-        f"{workers} DataLoader workers, 32 triplets a batch, fp32 ...")
-    paths = write_jpegs(g.array[:reference_images], work / "jpeg", max(1, workers))
-    triplet_batches = workers + warmup + args.gpu_reference_batches
-    triplets = sample_triplets(np.arange(reference_images), g.labels[:reference_images], 32 * triplet_batches, True,
-                               np.random.default_rng(args.seed))
-    step = train_step(g.config("reference", 32), g.labels, device)
-    loader = reference_loader(paths, triplets, size, 32, workers, args.seed, pin_memory=True)
-    timed = TimedBatches(loader, workers + warmup, _triplet_images, g.sync)
-    g.train(step, stacked_triplets(timed, device))
-    out.update(reference=timed.rate, jpeg_kib=mean_kib(paths))
-    return out
-
-
-def run_gpu(args: argparse.Namespace, work: Path, workers: int, device: torch.device = torch.device("cuda")
-            ) -> list[Row]:
-    """Training throughput on the GPU (`device` is a parameter only so the code path can be tried on a CPU)."""
-    on_gpu = device.type == "cuda"
-    gpu_name = torch.cuda.get_device_name(device) if on_gpu else str(device)
-    n, size = args.gpu_images, args.size
-    log(f"GPU: {gpu_name}; generating a uint8 cache of {n} {size}x{size} images on it ...")
-    start = time.perf_counter()
-    array = synthetic_uint8(n, size, device, args.seed)
-    made = time.perf_counter() - start
-    labels = (np.random.default_rng(args.seed).random(n) < 0.25).astype(np.int64)
-    rows = [Row("uint8 cache generated on the GPU", n / made, None, "images/s", None, "-", None,
-                f"{n} images at {size} px ({array.nbytes / 2**30:.1f} GiB) in {made:.1f} s, no JPEG files")]
-    g = GpuRun(args, device, array, labels, torch.cuda.synchronize if on_gpu else (lambda: None))
-    m = _gpu_ours(g)
-    m.update(_gpu_reference(g, work, workers))
-    log(f"measured: {m}")
-    rows += _gpu_rows(args, workers, m)
-    if not args.no_compile:  # before serving: it is the training question, and serving needs more packages
-        try:
-            m.update(_gpu_compiled(g))
-            rows += _compile_rows(args, m)
-        except Exception as exc:  # the rows above still stand; say why these are missing
-            log(f"torch.compile failed: {type(exc).__name__}: {exc}")
-            rows.append(Row("training under torch.compile", float("nan"), None, "images/s", None, "-", None,
-                            f"failed: {type(exc).__name__}: {str(exc)[:300]}"))
-    if not args.no_serving:
-        count = min(len(array), args.predict_images)
-        paths = write_jpegs(array[:count], work / "predict-jpeg", max(1, workers))
-        try:
-            rows += serving(array, paths, args, work, device.type)
-        except Exception as exc:  # a server that cannot start (a missing package) costs its rows, not the bench
-            log(f"prediction/serving rows failed: {type(exc).__name__}: {str(exc)[-600:]}")
-            rows.append(Row("prediction and serving on the GPU", float("nan"), None, "images/s", None, "-", None,
-                            f"failed: {type(exc).__name__}: {str(exc)[-300:]}"))
-    return rows
-
-
-def _compile_rows(args: argparse.Namespace, m: dict) -> list[Row]:
-    if "compiled_ours" not in m:
-        return []
-    compiled, model_only, eager = m["compiled_ours"], m["compiled_model_only"], m["ours"]
-    note = f"{args.backbone}, batch {args.gpu_batch}, {m['precision']}; compiled and warmed up in " \
-           f"{m['compile_seconds']:.0f} s (not timed)"
-    return [Row("training images/s under torch.compile, all switches on vs model-only step", compiled, model_only,
-                "images/s", compiled / model_only, ">= 0.95", compiled / model_only >= 0.95, note),
-            Row("model-only step, torch.compile vs eager", model_only, m["model_only"], "images/s",
-                model_only / m["model_only"], "-", None, note),
-            Row("training images/s, ours, torch.compile vs eager", compiled, eager, "images/s", compiled / eager,
-                "-", None, "above 1: compiling wins end to end")]
-
-
-def _gpu_rows(args: argparse.Namespace, workers: int, m: dict) -> list[Row]:
-    ours, model_only, reference, input_only = m["ours"], m["model_only"], m["reference"], m["input_only"]
-    batch, precision, resident, syncs = args.gpu_batch, m["precision"], m["resident"], m["syncs"]
-    reference_model_only = m["reference_model_only"]
-    rows = []
-    rows.append(Row("training images/s, all switches on vs model-only step", ours, model_only, "images/s",
-                    ours / model_only, ">= 0.95", ours / model_only >= 0.95,
-                    f"{args.backbone}, batch {batch}, {precision}, {resident}, batched GPU augmentation; "
-                    "model-only: the same step (loss, miner, optimizer) on one random batch already on the GPU"))
-    # Per distinct training image: the reference passes each image three times (anchor, positive, negative).
-    distinct = reference / 3
-    rows.append(Row("distinct training images/s, ours vs the reference's way", ours, distinct, "images/s",
-                    ours / distinct, ">= 3x", ours / distinct >= 3,
-                    f"reference: {workers} workers, PIL + torchvision per sample, JPEGs of {m['jpeg_kib']:.0f} KiB "
-                    f"on average, fp32, {reference:,.0f} images/s through the backbone (3 passes per triplet)"))
-    rows.append(Row("our input alone (gather + augment on the GPU)", input_only, ours, "images/s",
-                    input_only / ours, "-", None, "baseline: ours training; a high ratio means the input costs time "
-                    "by running in series with the step, not by its throughput"))
-    rows.append(Row("host waits for the GPU per batch of our input", syncs, None, "syncs/batch", None, "0",
-                    None if syncs is None else syncs == 0,
-                    "CUDA sync debug mode while gathering and augmenting: each wait drains the GPU queue and "
-                    "exposes the launch time of the next step's kernels"))
-    rows.append(Row("reference's way vs its own model-only step (fp32)", reference, reference_model_only, "images/s",
-                    reference / reference_model_only, "-", None,
-                    "below 1: the reference is input-bound; near 1: its fp32 step, not its input, limits it"))
-    return rows
 
 
 # ----------------------------------------------------------------------------------------- reporting

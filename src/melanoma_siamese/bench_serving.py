@@ -7,6 +7,7 @@ training images' appearance descriptors): speed does not depend on what the weig
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import socket
@@ -224,3 +225,28 @@ def _serve_rows(measured: dict, device: str, levels: Sequence[int]) -> list[Row]
                     p95 / base_p95, "<= 1.10", p95 / base_p95 <= 1.10,
                     "a lone request is never held back waiting for a batch"))
     return rows
+
+
+def serving(array: np.ndarray, paths: list[str], args: argparse.Namespace, work: Path, device: str) -> list[Row]:
+    """predict against model-only (both engines on a CPU, PyTorch on a GPU) and the server batched against one
+    request per forward pass, on a run folder made for the bench (bench_run)."""
+    from importlib.util import find_spec
+
+    if args.no_serving:
+        return []
+    run_dir = bench_run(work / "bench-run", array, args.backbone, args.seed)
+    files = [paths[i % len(paths)] for i in range(args.predict_images)]
+    # onnxruntime runs the exported model on the CPU here: on a GPU machine only PyTorch is measured.
+    engines = ["torch"] if device == "cuda" or find_spec("onnxruntime") is None else ["torch", "onnxruntime"]
+    rows = []
+    for engine in engines:
+        log(f"predict: {len(files)} JPEG files through `predict`'s path vs the {engine} scorer alone, {device} ...")
+        rows.append(predict_speed(run_dir, files, engine, device, args.predict_batch))
+        log(f"measured: {rows[-1]}")
+    log(f"model alone: a batch of {max(SERVE_LEVELS)} against one image per forward pass, {device} ...")
+    rows.append(batching_ceiling(run_dir, np.asarray(array[:max(SERVE_LEVELS)]), device))
+    with open(paths[0], "rb") as image:
+        rows += serve_speed(run_dir, image.read(), work, device, args.serve_requests)
+    log(f"measured: {rows[-5:]}")
+    return rows
+
