@@ -37,6 +37,7 @@ def test_card_sections_and_numbers():
     assert "not a medical device" in text and "CC BY-NC 4.0" in text
     assert "melanoma-siamese train --data /data/isic2020-jpg-256 --config runs/isic/config.yaml" in text
     assert "0.4321" in text and "abc123" in text
+    assert f"Training seed: {load_config().runtime.seed} " in text
 
 
 def test_licence_by_source():

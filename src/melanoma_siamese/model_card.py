@@ -75,7 +75,8 @@ def _recipe_section(config: Config, baseline: Optional[dict]) -> list[str]:
              f"- Stage 1: loss {s.loss}, mining {s.mining}, cross-entropy head weight {s.ce_weight}, "
              f"optimizer {s.optimizer} lr {s.lr:g}, batch {s.batch_size}; budget {budget}",
              f"- Stage 2: classifier {c.kind}; features {', '.join(getattr(c, 'features', ('image',)))}",
-             f"- Threshold rule: {config.evaluation.threshold} (chosen on the validation part)"]
+             f"- Threshold rule: {config.evaluation.threshold} (chosen on the validation part)",
+             f"- Training seed: {config.runtime.seed} (initial weights, batches, augmentation; the split has its own)"]
     if config.data.folds >= 2:
         lines.append(f"- A {config.data.folds}-fold ensemble: {config.data.folds} models, each trained on the training "
                      "part less one patient-grouped fold and validated on it; probability = the mean of the members', "
