@@ -159,13 +159,36 @@ def test_train_log_stamps_each_line_of_a_multi_line_message_and_starts_afresh(tm
     log = TrainLog(path, printed.append)
     log("one\ntwo")
     assert printed == ["one\ntwo"]
+    assert path.read_text() == "an older run's log\n"  # held until the run's folder is written to
+    log.start()
+    log("after")
     lines = path.read_text().splitlines()
-    assert [STAMPED.match(line).group(2) for line in lines] == ["=== train started", "one", "two"]
-    TrainLog(path, printed.append, "continued")("three")
-    assert [STAMPED.match(line).group(2) for line in path.read_text().splitlines()[3:]] == [
+    assert [STAMPED.match(line).group(2) for line in lines] == ["=== train started", "one", "two", "after"]
+    continued = TrainLog(path, printed.append, "continued")
+    continued.start()
+    continued("three")
+    assert [STAMPED.match(line).group(2) for line in path.read_text().splitlines()[4:]] == [
         "=== train continued", "three"]
     with pytest.raises(ValueError, match="'paused' is not one of started, resumed, continued"):
         TrainLog(path, printed.append, "paused")
+
+
+def test_train_log_records_the_error_that_stopped_a_run_and_nothing_for_a_refused_one(tmp_path):
+    from melanoma_siamese.errors import DataError, WeightsError
+
+    refused, stopped = tmp_path / "refused" / "train.log", tmp_path / "stopped" / "train.log"
+    with pytest.raises(DataError):
+        with TrainLog(refused, lambda line: None) as log:
+            log("Labels: ...")
+            raise DataError("train-metadata.csv: no column 'target'")
+    assert not refused.parent.exists()
+    with pytest.raises(WeightsError):
+        with TrainLog(stopped, lambda line: None) as log:
+            log.start()
+            log("[Siamese] Epoch 1/2")
+            raise WeightsError("weights file x.pth does not fit")
+    texts = [STAMPED.match(line).group(2) for line in stopped.read_text().splitlines()]
+    assert texts == ["=== train started", "[Siamese] Epoch 1/2", "=== stopped by WeightsError: weights file x.pth does not fit"]
 
 
 class _Terminal(io.StringIO):

@@ -41,6 +41,9 @@ def _own_commands(sub) -> None:
     train.add_argument("--resume", type=Path, metavar="RUN",
                        help="continue RUN from its last completed epoch (its config, split and data); a K-fold "
                             "ensemble keeps its finished members and continues the interrupted one")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --out (its files are removed only once the new run's data "
+                            "and weights have been checked)")
     train.add_argument("--folds", type=int, metavar="K",
                        help="train a K-fold ensemble (data.folds=K): K models, each validated on one patient-"
                             "grouped fold of the training part, averaged; the validation and test parts stay")
@@ -123,6 +126,18 @@ def _data_of(args: argparse.Namespace, run: RunFolder):
     return _source(args) if (args.data or args.metadata) else DataSource(**run.source())
 
 
+def _refuse_mixing(run: RunFolder, args: argparse.Namespace) -> None:
+    """A new run written over an old one would leave some of the old files beside the new (its models, when the
+    new one stops early), and a later command would read the mix without a word: ask what is meant."""
+    if args.stage == "classifier" or args.overwrite or not run.holds_run():
+        return
+    found = ", ".join(p.name for p in run.owned()[:5])
+    raise ConfigError(f"--out {run.root} already holds a run ({found}, ...). Give a new --out folder; or --resume "
+                      f"{run.root} to continue it; or --stage classifier to retrain its classifier on its encoder; or "
+                      "--overwrite to replace it (its files are removed only once the new run's data and weights "
+                      "have been checked)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .folds import run_training
 
@@ -137,6 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     config = resolve_config(args)
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    _refuse_mixing(RunFolder(out), args)
     run_training(config, _source(args), out, args.stage)
     print(f"Run folder: {out}")
     return 0

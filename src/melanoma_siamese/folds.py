@@ -11,6 +11,8 @@ members that finished and continues the interrupted one from its last completed 
 """
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 from typing import Callable, Optional
 
@@ -109,33 +111,35 @@ def run_folds(config: Config, source: DataSource, run: RunFolder, stage: str, lo
     k = config.data.folds
     single = with_overrides(config, {"data.folds": 0})  # what each member is: one model
     encoders: dict[int, tuple] = {}
-    with process_group(config.runtime.device) as d:
-        say = session_log(run.train_log, log, stage, resume, d.main)
-        prepared, device = prepare_run(config, source, run, stage, resume, d, say)
-        folds = _fold_table(prepared, run, config, resume or stage == "classifier", d.main)
-        info = run.run_info() if d.main else {}
-        member_data = [member_prepared(prepared, folds, fold) for fold in range(k)]
-        for fold, data in enumerate(member_data):
-            member = run.fold(fold)
-            if resume and _finished(member):
-                say(f"[Fold {fold + 1}/{k}] finished before: kept ({member.root})")
-                continue
-            if d.main:
-                _write_member(member, single, data, info, fold)
-            if stage in ("all", "siamese"):
-                say(f"[Fold {fold + 1}/{k}] {len(data.part('train'))} training images, {len(data.part('val'))} "
-                    f"validating ({int(data.labels('val').sum())} melanoma)")
-                state = read_state(member) if resume and member.state().is_file() else None
-                with open_tracker(single.runtime.tensorboard if d.main else "off", member.tensorboard,
-                                  state["epoch"] + 1 if state else 0) as tracker:
-                    encoders[fold] = train_siamese(single, data, device, member, say, state, d, tracker.hooks(hooks))
-    if not d.main:
-        return {}
-    if stage == "siamese":
-        for fold, (_, history) in encoders.items():
-            report_stage1(single, member_data[fold], device, run.fold(fold), history)
-        return {}
-    return _finish(config, prepared, member_data, encoders, device, run, stage, say)
+    with contextlib.ExitStack() as closing:
+        with process_group(config.runtime.device) as d:
+            say = closing.enter_context(session_log(run.train_log, log, stage, resume, d.main))
+            prepared, device = prepare_run(config, source, run, stage, resume, d, say)
+            folds = _fold_table(prepared, run, config, resume or stage == "classifier", d.main)
+            info = run.run_info() if d.main else {}
+            member_data = [member_prepared(prepared, folds, fold) for fold in range(k)]
+            for fold, data in enumerate(member_data):
+                member = run.fold(fold)
+                if resume and _finished(member):
+                    say(f"[Fold {fold + 1}/{k}] finished before: kept ({member.root})")
+                    continue
+                if d.main:
+                    _write_member(member, single, data, info, fold)
+                if stage in ("all", "siamese"):
+                    say(f"[Fold {fold + 1}/{k}] {len(data.part('train'))} training images, {len(data.part('val'))} "
+                        f"validating ({int(data.labels('val').sum())} melanoma)")
+                    state = read_state(member) if resume and member.state().is_file() else None
+                    with open_tracker(single.runtime.tensorboard if d.main else "off", member.tensorboard,
+                                      state["epoch"] + 1 if state else 0) as tracker:
+                        encoders[fold] = train_siamese(single, data, device, member, say, state, d,
+                                                       tracker.hooks(hooks))
+        if not d.main:
+            return {}
+        if stage == "siamese":
+            for fold, (_, history) in encoders.items():
+                report_stage1(single, member_data[fold], device, run.fold(fold), history)
+            return {}
+        return _finish(config, prepared, member_data, encoders, device, run, stage, say)
 
 
 def _finish(config: Config, prepared: Prepared, member_data: list[Prepared], encoders: dict, device: torch.device,

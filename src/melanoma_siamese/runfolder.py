@@ -146,6 +146,27 @@ class RunFolder:
         """Where `evaluate --data OTHER` writes: a run-shaped folder of its own under external/."""
         return RunFolder(self.root / "external" / name)
 
+    def owned(self) -> list[Path]:
+        """Every file and folder of this run that exists (anything else in the folder, such as the demo's
+        generated data/, is not the run's)."""
+        named = [self.config, self.run_json, self.split, self.skipped_images, self.train_log, self.tensorboard,
+                 self.models, self.state().parent, self.index, self.thresholds, self.metrics, self.metrics_by_group,
+                 self.model_card, self.predictions, self.baseline, self.images, self.fold(0).root.parent,
+                 self.folds_file, self.oof, self.folds_summary, self.trust, self.root / "external"]
+        return [p for p in named + sorted(self.root.glob("history_*.jsonl")) if p.exists()]
+
+    def holds_run(self) -> bool:
+        """Whether a run (finished or not) was written here: `train` refuses to mix a new one into it."""
+        return any(p.exists() for p in (self.config, self.models, self.state().parent, self.metrics))
+
+    def clear(self) -> None:
+        """Remove this run's files before a new run is written here, so none of the old one is left to mix
+        with it (an old model beside a new configuration would answer wrongly without a word)."""
+        import shutil
+
+        for path in self.owned():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
     def make(self) -> "RunFolder":
         self.models.mkdir(parents=True, exist_ok=True)
         self.images.mkdir(parents=True, exist_ok=True)

@@ -34,32 +34,72 @@ def now_stamp() -> str:
 class TrainLog:
     """A run's `log` callable: prints each line through `echo` and appends it, time-stamped, to `path`.
 
-    The file is opened per line (and so flushed), so a run that crashes keeps every line it printed. Each
-    session first writes `=== train SESSION`: a "started" run starts the file anew; a "resumed" one
-    (`train --resume`) or a "continued" one (`train --stage classifier` on a trained run) appends to it."""
+    Lines are held in memory until `start()` (called once the data is valid and the run's folder is being
+    written): a run refused by validation leaves no train.log, and an earlier run's log stays as it was. From
+    then on the file is opened per line (and so flushed), so a run that crashes keeps every line it printed,
+    and leaving the `with` block on an error adds the error. Each session first writes `=== train SESSION`: a
+    "started" run starts the file anew; a "resumed" one (`train --resume`) or a "continued" one (`train --stage
+    classifier` on a trained run) appends to it."""
 
     SESSIONS = ("started", "resumed", "continued")
 
     def __init__(self, path: Path, echo: Log = print, session: str = "started"):
         if session not in self.SESSIONS:
             raise ValueError(f"TrainLog session {session!r} is not one of {', '.join(self.SESSIONS)}")
-        self.path, self.echo = Path(path), echo
+        self.path, self.echo, self.session = Path(path), echo, session
+        self._held: Optional[list[str]] = [f"{now_stamp()} === train {session}"]
+
+    def start(self) -> None:
+        """Write the lines held so far; every later line is written as it comes."""
+        if self._held is None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("w" if session == "started" else "a", encoding="utf-8") as f:
-            f.write(f"{now_stamp()} === train {session}\n")
+        with self.path.open("w" if self.session == "started" else "a", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in self._held)
+        self._held = None
+
+    def _write(self, lines: list[str]) -> None:
+        if self._held is not None:
+            self._held.extend(lines)
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
 
     def __call__(self, line: str) -> None:
         self.echo(line)
         stamp = now_stamp()
-        with self.path.open("a", encoding="utf-8") as f:
-            f.writelines(f"{stamp} {part}\n" for part in (str(line).splitlines() or [""]))
+        self._write([f"{stamp} {part}" for part in (str(line).splitlines() or [""])])
+
+    def __enter__(self) -> "TrainLog":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if exc is not None and self._held is None:
+            self._write([f"{now_stamp()} === stopped by {kind.__name__}: {exc}"])
 
 
-def session_log(path: Path, echo: Log, stage: str, resume: bool, main: bool) -> Log:
-    """The `log` a `train` session writes through: a TrainLog on rank 0 ("resumed" for --resume, "started" when
-    stage 1 trains, "continued" for stage 2 alone on a trained run); other ranks print and write nothing."""
+class _Silent:
+    """The log of a rank other than 0: prints and writes nothing."""
+
+    def __call__(self, line: str) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def __enter__(self) -> "_Silent":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def session_log(path: Path, echo: Log, stage: str, resume: bool, main: bool):
+    """The `log` a `train` session writes through, a context manager: a TrainLog on rank 0 ("resumed" for
+    --resume, "started" when stage 1 trains, "continued" for stage 2 alone on a trained run); other ranks print
+    and write nothing."""
     if not main:
-        return lambda line: None
+        return _Silent()
     return TrainLog(path, echo, "resumed" if resume else "started" if stage in ("all", "siamese") else "continued")
 
 

@@ -23,7 +23,7 @@ from .distributed import Dist, process_group
 from .engine import embed
 from .hooks import Hooks, hooks_from_env
 from .metrics import knn_probabilities
-from .models import Encoder
+from .models import Encoder, check_weights
 from .rng import seed_everything
 from .runfolder import RunFolder, write_text_atomic
 from .runtime import resolve_device
@@ -125,10 +125,18 @@ def prepare_run(config: Config, source: DataSource, run: RunFolder, stage: str, 
     if d.enabled and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
     log(f"Device: {device}" + (f" (rank 0 of {d.world_size} processes)" if d.enabled else ""))
+    fresh = stage in ("all", "siamese") and not resume
+    if fresh:
+        check_weights(config.model.backbone, config.model.pretrained, config.model.embedding_dim)
     info = run_info(config, device, source, prepared)
     info["world_size"] = d.world_size
     if d.main:
+        # Only now, with the data valid and the weights at hand, is the folder written to: a fresh run first
+        # removes what an earlier run left (cli's train refuses a run folder unless told --overwrite).
+        if fresh:
+            run.clear()
         run.make()
+        getattr(log, "start", lambda: None)()  # a TrainLog has held its lines until now (tracking.TrainLog)
         if len(prepared.skipped):
             prepared.skipped.to_csv(run.skipped_images, index=False)
             log(f"Skipped {len(prepared.skipped)} bad image(s); their ids and reasons: {run.skipped_images}")
@@ -173,12 +181,12 @@ def run_train(config: Config, source: DataSource, run_dir: Path, stage: str = "a
     with contextlib.ExitStack() as closing:
         with process_group(config.runtime.device) as d:
             trains_encoder = stage in ("all", "siamese")
-            log = session_log(run.train_log, log, stage, resume, d.main)
+            log = closing.enter_context(session_log(run.train_log, log, stage, resume, d.main))
             resume_state = read_state(run) if resume and trains_encoder else None
             purge_from = (resume_state["epoch"] + 1 if resume_state else 0) if trains_encoder else None
+            prepared, device = prepare_run(config, source, run, stage, resume, d, log)
             tracker = closing.enter_context(open_tracker(config.runtime.tensorboard if d.main else "off",
                                                          run.tensorboard, purge_from))
-            prepared, device = prepare_run(config, source, run, stage, resume, d, log)
             if trains_encoder:
                 encoder, history = train_siamese(config, prepared, device, run, log, resume_state, d,
                                                  tracker.hooks(hooks))
