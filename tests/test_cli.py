@@ -66,12 +66,19 @@ def test_metrics_equal_sklearn_recomputation(trained_run):
     assert bal["n_melanoma"] * 2 == bal["n"]
 
 
-def test_evaluate_reproduces_and_scores_other_data(trained_run, tmp_path):
+def test_evaluate_reproduces_and_scores_other_data(trained_run, tmp_path, capsys):
     trained_run = Path(shutil.copytree(trained_run, tmp_path / "run"))  # evaluate rewrites the run's files
     before = json.loads((trained_run / "metrics.json").read_text())
+    capsys.readouterr()
     assert main(["evaluate", "--run", str(trained_run), "--no-progress"]) == 0
     after = json.loads((trained_run / "metrics.json").read_text())
     assert after["test"]["roc_auc"] == pytest.approx(before["test"]["roc_auc"])
+    # The threshold evaluate prints is on the raw score; it says so, and what it is on predict's scale.
+    printed, t = capsys.readouterr().out, after["threshold"]["classifier"]
+    cal = after.get("calibration")
+    scale = (f"threshold {t:.4f} on the raw score (= {cal['threshold_shown']:.4f} as the probability predict shows"
+             if cal else f"threshold {t:.4f} (raw score, as shown by predict")
+    assert printed.count(scale) >= 3, printed  # natural test, balanced test, groups
     other = kaggle_dataset(tmp_path / "other", n=24)
     assert main(["evaluate", "--run", str(trained_run), "--data", str(other), "--no-progress"]) == 0
     external = trained_run / "external" / "other"

@@ -17,6 +17,7 @@ METRICS = {"threshold": {"classifier": 0.4321},
            "test": {"n": 200, "n_melanoma": 9, "roc_auc": 0.912, "roc_auc_ci": [0.85, 0.96], "sensitivity": 0.778,
                     "sensitivity_ci": [0.5, 1.0], "specificity": 0.8, "specificity_ci": [0.75, 0.85]},
            "calibration": {"method": "platt", "shown_at_prevalence": 0.02, "shown_prevalence_source": "training part",
+                           "threshold_shown": 0.1234,
                            "test": {"ece_before": 0.3, "ece_after": 0.05, "brier_before": 0.2, "brier_after": 0.04}}}
 GROUPS = {"min_melanoma": 5, "absent": ["skin type"], "groupings": {"sex": {
     "female": {"images": 120, "melanoma": 6, "too_few_to_say": False, "roc_auc": 0.93, "roc_auc_ci": [0.8, 0.99],
@@ -38,6 +39,7 @@ def test_card_sections_and_numbers():
     assert "melanoma-siamese train --data /data/isic2020-jpg-256 --config runs/isic/config.yaml" in text
     assert "0.4321" in text and "abc123" in text
     assert f"Training seed: {load_config().runtime.seed} " in text
+    assert "0.4321 on the classifier's raw score (the same cut as 0.1234 on the calibrated probability" in text
 
 
 def test_licence_by_source():

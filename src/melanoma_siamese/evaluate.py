@@ -50,11 +50,23 @@ def score(frame: pd.DataFrame, prob_column: str, threshold: float, config: Confi
     return out
 
 
-def print_report(name: str, frame: pd.DataFrame, prob_column: str, report: dict, log: Log) -> None:
+def threshold_scale(metrics: dict) -> str:
+    """Words after the classifier's threshold wherever evaluate shows it: the threshold is on the raw score,
+    while predict, pair and serve show calibrated probabilities with the threshold on their scale; a reader
+    comparing 0.73 here with 0.17 there must see that both are the same cut."""
+    cal = metrics.get("calibration")
+    if not cal or "threshold_shown" not in cal:
+        return " (raw score, as shown by predict: the run has no calibration)"
+    return (f" on the raw score (= {cal['threshold_shown']:.4f} as the probability predict shows at "
+            f"{100 * cal['shown_at_prevalence']:.2f}% prevalence)")
+
+
+def print_report(name: str, frame: pd.DataFrame, prob_column: str, report: dict, log: Log, scale: str = "") -> None:
     y = frame["target"].to_numpy()
     pred = (frame[prob_column].to_numpy() >= report["threshold"]).astype(int)
     cm = report["confusion_matrix"]
-    log(f"--- {name}: {report['n']} images, {report['n_melanoma']} melanoma; threshold {report['threshold']:.4f} ---")
+    log(f"--- {name}: {report['n']} images, {report['n_melanoma']} melanoma; threshold {report['threshold']:.4f}"
+        f"{scale} ---")
     log(f"Accuracy: {100 * report['accuracy']:.2f}%   Balanced accuracy: {100 * report['balanced_accuracy']:.2f}%")
     log(f"ROC AUC: {report['roc_auc']:.4f}" + (f" (95% CI {report['roc_auc_ci'][0]:.4f}-{report['roc_auc_ci'][1]:.4f}, "
                                               "patient bootstrap)" if "roc_auc_ci" in report else "")
@@ -82,13 +94,15 @@ def _predict_parts(run: LoadedRun, prepared: Prepared, parts: tuple[str, ...],
     return pd.concat(frames, ignore_index=True), embeddings
 
 
-def _plots(frame_test: pd.DataFrame, test_emb: np.ndarray, report: dict, out: RunFolder, seed: int,
+def _plots(frame_test: pd.DataFrame, test_emb: np.ndarray, metrics: dict, out: RunFolder, seed: int,
            calibration=None) -> None:
     y = frame_test["target"].to_numpy()
     curves = {"MLP / classifier": (y, frame_test["prob_melanoma"].to_numpy()),
               "kNN vote": (y, frame_test["knn_prob_melanoma"].to_numpy())}
+    report, cal = metrics["test"], metrics.get("calibration") or {}
+    shown = f"\n(= {cal['threshold_shown']:.3f} as the probability predict shows)" if "threshold_shown" in cal else ""
     plots.confusion_matrix(report["confusion_matrix"], out.image("confusion_matrix.png"),
-                           f"Test, threshold {report['threshold']:.3f}")
+                           f"Test, raw-score threshold {report['threshold']:.3f}{shown}")
     plots.roc_curves(curves, out.image("roc_curve.png"))
     plots.pr_curves(curves, out.image("pr_curve.png"))
     if len(np.unique(y)) == 2:
@@ -238,7 +252,7 @@ def evaluate_run(run_dir: Path | RunFolder, config: Config, prepared: Prepared, 
     out.write_metrics(_clean(metrics))
     _report(frame, metrics, balanced_ids, config, log)
     test = frame[frame["part"] == "test"]
-    _plots(test, embeddings["test"], metrics["test"], out, config.runtime.seed, run.calibration)
+    _plots(test, embeddings["test"], metrics, out, config.runtime.seed, run.calibration)
     _groups_and_card(run, out, test, prepared, metrics, log)
     if on_test is not None:
         on_test(test, embeddings["test"])
@@ -260,7 +274,8 @@ def _groups_and_card(run: LoadedRun, out: RunFolder, test: pd.DataFrame, prepare
     out.write_json(out.metrics_by_group, _clean(report))
     if report["groupings"]:
         plots.results_by_group(report, out.image("metrics_by_group.png"))
-    by_group.print_groups(report, log)
+    by_group.print_groups(report, log, f"--- Test results by group (threshold {report['threshold']:.4f}"
+                                       f"{threshold_scale(metrics)}; patient-bootstrap 95% CIs) ---")
     info = run.folder.run_info()
     if out.root != run.folder.root:
         # External evaluation: the card describes the data scored here, every image of it as the test part.
@@ -294,11 +309,12 @@ def _metrics(frame: pd.DataFrame, thresholds: dict, config: Config, balanced_ids
 
 
 def _report(frame: pd.DataFrame, metrics: dict, balanced_ids: np.ndarray, config: Config, log: Log) -> None:
-    test = frame[frame["part"] == "test"]
-    print_report("Test, natural prevalence (classifier)", test, "prob_melanoma", metrics["test"], log)
+    test, scale = frame[frame["part"] == "test"], threshold_scale(metrics)
+    print_report("Test, natural prevalence (classifier)", test, "prob_melanoma", metrics["test"], log, scale)
     if "test_balanced" in metrics:
         bal = test[test["isic_id"].isin(set(balanced_ids))]
-        print_report("Test, class-balanced subsample (classifier)", bal, "prob_melanoma", metrics["test_balanced"], log)
+        print_report("Test, class-balanced subsample (classifier)", bal, "prob_melanoma", metrics["test_balanced"], log,
+                     scale)
     k = metrics["knn"]["test"]
     log(f"kNN vote (k={config.evaluation.knn_k}) on test: ROC AUC {k['roc_auc']:.4f}, balanced accuracy "
         f"{100 * k['balanced_accuracy']:.2f}%")

@@ -116,9 +116,12 @@ def _metrics_section(metrics: dict) -> list[str]:
     threshold = metrics.get("threshold", {}).get("classifier")
     if threshold is not None:
         n_boot = metrics.get("test", {}).get("n_boot")
+        shown = metrics.get("calibration", {}).get("threshold_shown")
+        same = (f" (the same cut as {shown:.4f} on the calibrated probability `predict` shows)"
+                if shown is not None else "")
         lines += ["", f"Sensitivity and specificity at the threshold chosen on validation, {threshold:.4f} on the "
-                  "classifier's raw score; " + (f"95% intervals from {n_boot} patient resamples." if n_boot else
-                                                 "no intervals (evaluation.bootstrap is 0).")]
+                  f"classifier's raw score{same}; " + (f"95% intervals from {n_boot} patient resamples." if n_boot else
+                                                         "no intervals (evaluation.bootstrap is 0).")]
     return lines + [""]
 
 
