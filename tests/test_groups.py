@@ -52,7 +52,7 @@ def test_groups_count_score_and_flag():
 
 
 def test_all_detected_gets_a_wilson_interval_not_a_zero_width_one():
-    from melanoma_siamese.groups import wilson_interval
+    from melanoma_siamese.metrics import wilson_interval
 
     # Published values of the 95% Wilson interval for 10 of 10 and 0 of 10.
     assert wilson_interval(10, 10) == pytest.approx([0.7225, 1.0], abs=1e-4)

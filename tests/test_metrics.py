@@ -109,3 +109,23 @@ def test_retrieval_metrics_perfect_separation():
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)
     out = retrieval_metrics(ref[[0, 2]], np.array([0, 1]), ref, np.array([0, 0, 1, 1]))
     assert out["precision_at_1"] == 1.0 and out["map_at_r"] == 1.0
+
+
+def test_intervals_where_every_resample_agrees_are_not_shown_as_certainty():
+    """A sensitivity of 1 gets the Wilson interval of its counts; a ROC AUC of 1 in every resample is marked and
+    shown without an interval, not as '1.000 (95% CI 1.000-1.000)'."""
+    from melanoma_siamese.metrics import bootstrap_ci, interval_text, wilson_interval
+
+    labels = np.array([1] * 12 + [0] * 30)
+    probs = np.where(labels == 1, 0.9, 0.1) + np.linspace(0, 0.05, len(labels))
+    patients = np.arange(len(labels))
+    ci = bootstrap_ci(labels, probs, patients, 0.5, n_boot=200, seed=0)
+    assert ci["sensitivity_ci"] == pytest.approx(wilson_interval(12, 12)) and ci["sensitivity_ci"][0] < 0.8
+    assert ci["specificity_ci_method"].startswith("Wilson") and ci["specificity_ci"][1] == 1.0
+    assert ci["roc_auc_ci"] == pytest.approx([1.0, 1.0]) and ci["roc_auc_ci_method"].startswith("bootstrap, no width")
+    report = {"roc_auc": 1.0, **ci}
+    assert interval_text(report, "roc_auc") == " (no interval: every patient resample gave this value)"
+    assert interval_text(report, "sensitivity") == f" (95% CI {ci['sensitivity_ci'][0]:.3f}-1.000)"
+    # An ordinary case keeps its bootstrap intervals and no method mark.
+    noisy = bootstrap_ci(labels, np.random.default_rng(0).random(len(labels)), patients, 0.5, n_boot=200, seed=0)
+    assert not any(k.endswith("_ci_method") for k in noisy) and noisy["roc_auc_ci"][0] < noisy["roc_auc_ci"][1]

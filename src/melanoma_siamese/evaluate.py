@@ -16,7 +16,7 @@ from .data.prepare import Prepared, balanced_test_ids
 from .engine import embed, melanoma_probability
 from .features import model_input
 from .inference import LoadedRun, RetrievalIndex, load_run
-from .metrics import binary_report, bootstrap_ci, choose_threshold, knn_probabilities
+from .metrics import binary_report, bootstrap_ci, choose_threshold, interval_text, knn_probabilities
 from .runfolder import RunFolder, write_text_atomic
 
 Log = Callable[[str], None]
@@ -68,10 +68,10 @@ def print_report(name: str, frame: pd.DataFrame, prob_column: str, report: dict,
     log(f"--- {name}: {report['n']} images, {report['n_melanoma']} melanoma; threshold {report['threshold']:.4f}"
         f"{scale} ---")
     log(f"Accuracy: {100 * report['accuracy']:.2f}%   Balanced accuracy: {100 * report['balanced_accuracy']:.2f}%")
-    log(f"ROC AUC: {report['roc_auc']:.4f}" + (f" (95% CI {report['roc_auc_ci'][0]:.4f}-{report['roc_auc_ci'][1]:.4f}, "
-                                              "patient bootstrap)" if "roc_auc_ci" in report else "")
-        + f"   Average precision: {report['average_precision']:.4f}")
-    log(f"Sensitivity: {report['sensitivity']:.4f}   Specificity: {report['specificity']:.4f}")
+    log(f"ROC AUC: {report['roc_auc']:.4f}{interval_text(report, 'roc_auc', 4, note=', patient bootstrap')}"
+        f"   Average precision: {report['average_precision']:.4f}")
+    log(f"Sensitivity: {report['sensitivity']:.4f}{interval_text(report, 'sensitivity', 4)}   "
+        f"Specificity: {report['specificity']:.4f}{interval_text(report, 'specificity', 4)}")
     log(f"Confusion matrix [rows true benign/melanoma, cols predicted]: {cm[0]} {cm[1]}")
     log(classification_report(y, pred, labels=[0, 1], target_names=["benign", "melanoma"], zero_division=0, digits=4))
 

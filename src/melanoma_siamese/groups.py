@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
-from .metrics import bootstrap_ci
+from .metrics import NO_WIDTH, bootstrap_ci, interval_text
 
 # Fewer melanomas than this in a group (or no benign image) and its numbers say nothing: flagged, not hidden.
 MIN_MELANOMA = 5
@@ -57,22 +57,9 @@ def group_result(labels: np.ndarray, probs: np.ndarray, patients: np.ndarray, th
                 "sensitivity": float(pred[labels == 1].mean()), "specificity": float(1 - pred[labels == 0].mean())})
     if n_boot:
         ci = bootstrap_ci(labels, probs, patients, threshold, n_boot, seed)
-        out.update({f"{k}_ci": ci[f"{k}_ci"] for k in ("roc_auc", "sensitivity", "specificity")})
-        for key, hits, n in (("sensitivity", out["melanoma_detected"], melanoma),
-                             ("specificity", benign - out["benign_flagged"], benign)):
-            if hits in (0, n):
-                # Every resample gives 0% or 100%: the bootstrap interval has no width, which would read as certainty.
-                out[f"{key}_ci"], out[f"{key}_ci_method"] = wilson_interval(hits, n), "Wilson (bootstrap: all or none)"
+        out.update({k: v for k, v in ci.items() if k.startswith(("roc_auc_ci", "sensitivity_ci", "specificity_ci"))})
         out["n_boot"] = ci["n_boot"]
     return out
-
-
-def wilson_interval(hits: int, n: int, z: float = 1.959964) -> list[float]:
-    """95% Wilson score interval of a proportion hits / n."""
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [float(max(centre - half, 0.0)), float(min(centre + half, 1.0))]
 
 
 def results_by_group(frame: pd.DataFrame, prob_column: str, threshold: float, n_boot: int = 1000,
@@ -102,9 +89,9 @@ def _order(grouping: str, group: str):
 
 
 def _interval(result: dict, key: str) -> str:
-    ci = result.get(f"{key}_ci")
-    low_high = f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci and all(v is not None and np.isfinite(v) for v in ci) else ""
-    return f"{result[key]:.2f}{low_high}"
+    if str(result.get(f"{key}_ci_method", "")).startswith(NO_WIDTH):
+        return f"{result[key]:.2f} (no width)"
+    return f"{result[key]:.2f}{interval_text(result, key, 2, '')}"
 
 
 def table_lines(report: dict) -> list[str]:

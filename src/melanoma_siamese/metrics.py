@@ -107,7 +107,44 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray, thre
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     out = {f"{name}_ci": [float(v) for v in np.percentile(found, q)] if found else [float("nan")] * 2
            for name, found in values.items()}
-    return {**out, "n_boot": len(values["roc_auc"])}
+    return {**out, **_degenerate_intervals(labels, probs >= threshold, out), "n_boot": len(values["roc_auc"])}
+
+
+NO_WIDTH = "bootstrap, no width"
+
+
+def _degenerate_intervals(labels: np.ndarray, pred: np.ndarray, found: dict) -> dict:
+    """Where every resample agrees, the bootstrap interval has no width, which would read as certainty. A
+    sensitivity or specificity of exactly 0 or 1 gets the Wilson interval of its counts instead; a ROC AUC that
+    every resample repeats (perfect separation) is marked, and shown without an interval."""
+    out = {}
+    for name, hits, n in (("sensitivity", int(pred[labels == 1].sum()), int((labels == 1).sum())),
+                          ("specificity", int((~pred[labels == 0]).sum()), int((labels == 0).sum()))):
+        if n and hits in (0, n):
+            out[f"{name}_ci"], out[f"{name}_ci_method"] = wilson_interval(hits, n), "Wilson (bootstrap: all or none)"
+    low, high = found["roc_auc_ci"]
+    if np.isfinite(low) and np.isclose(low, high, rtol=0, atol=1e-9):
+        out["roc_auc_ci_method"] = f"{NO_WIDTH}: every resample gave {low:.3f}"
+    return out
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.959964) -> list[float]:
+    """95% Wilson score interval of a proportion hits / n."""
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(max(centre - half, 0.0)), float(min(centre + half, 1.0))]
+
+
+def interval_text(report: dict, key: str, digits: int = 3, prefix: str = "95% CI ", note: str = "") -> str:
+    """' (95% CI low-high)' after a metric (`note` inside the brackets); a no-width bootstrap interval says so
+    instead of showing one."""
+    ci = report.get(f"{key}_ci")
+    if str(report.get(f"{key}_ci_method", "")).startswith(NO_WIDTH):
+        return " (no interval: every patient resample gave this value)"
+    if not ci or not all(v is not None and np.isfinite(v) for v in ci):
+        return ""
+    return f" ({prefix}{ci[0]:.{digits}f}-{ci[1]:.{digits}f}{note})"
 
 
 def paired_bootstrap_auc(labels: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, groups: np.ndarray,

@@ -30,11 +30,12 @@ def licence(source: dict, layout: str, generated: bool) -> str:
 
 
 def _ci(report: dict, key: str) -> str:
-    ci = report.get(f"{key}_ci")
+    from .metrics import interval_text
+
     value = report.get(key)
     if value is None:
         return "n/a"
-    return f"{value:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci and None not in ci else "")
+    return f"{value:.3f}{interval_text(report, key)}"
 
 
 def _data_section(info: dict, generated: bool) -> list[str]:
