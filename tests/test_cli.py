@@ -85,6 +85,10 @@ def test_evaluate_reproduces_and_scores_other_data(trained_run, tmp_path, capsys
     pred = pd.read_csv(external / "predictions.csv")
     assert len(pred) == 24 and (pred["part"] == "test").all()
     assert json.loads((external / "metrics.json").read_text())["test"]["n"] == 24
+    card = (external / "MODEL_CARD.md").read_text()
+    assert "evaluated on external data other" in card and f"--data {other.resolve()}" in card
+    assert f"melanoma-siamese evaluate --run {trained_run} --data {other.resolve()}" in card
+    assert "External data other, natural prevalence (classifier)" in capsys.readouterr().out
 
 
 def test_same_seed_same_split_and_metrics(trained_run, tiny_data, tmp_path):

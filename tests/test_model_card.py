@@ -61,3 +61,19 @@ def test_evaluate_writes_card_and_groups(tiny_data, tmp_path_factory):
     report = json.loads(run.metrics_by_group.read_text())
     assert report["threshold"] == json.loads(run.thresholds.read_text())["classifier"]
     assert set(report) >= {"groupings", "absent", "min_melanoma"}
+
+
+def test_external_card_keeps_training_and_scored_data_apart():
+    """`evaluate --data OTHER`: the card names the run's training data and the external data apart, says all of
+    the external data was scored with no split, and repeats the evaluation rather than training on OTHER."""
+    external = {"name": "other", "source": {"data": "/x/other"}, "layout": "kaggle-256", "generated": True,
+                "parts": {"scored": {"images": 24, "melanoma": 6}}}
+    text = model_card("runs/isic", load_config(), INFO, METRICS, GROUPS, None, generated=False, external=external)
+    assert text.startswith("# Model card: runs/isic, evaluated on external data other")
+    training = text[text.index("## Training data (the run's)"):text.index("## External data (scored here)")]
+    assert "`--data /data/isic2020-jpg-256`" in training and "Images: 1000" in training and "CC BY-NC 4.0" in training
+    scored = text[text.index("## External data (scored here)"):text.index("## Recipe and budget")]
+    assert "`--data /x/other`" in scored and "Images: 24, of which 6 melanoma" in scored and "none needed" in scored
+    assert "Scored whole" in scored and "## Split" not in text
+    assert "## Metrics (external data other, all of it)" in text
+    assert "melanoma-siamese evaluate --run runs/isic --data /x/other" in text and "melanoma-siamese train" not in text

@@ -95,16 +95,16 @@ def _predict_parts(run: LoadedRun, prepared: Prepared, parts: tuple[str, ...],
 
 
 def _plots(frame_test: pd.DataFrame, test_emb: np.ndarray, metrics: dict, out: RunFolder, seed: int,
-           calibration=None) -> None:
+           calibration=None, where: str = "test part") -> None:
     y = frame_test["target"].to_numpy()
     curves = {"MLP / classifier": (y, frame_test["prob_melanoma"].to_numpy()),
               "kNN vote": (y, frame_test["knn_prob_melanoma"].to_numpy())}
     report, cal = metrics["test"], metrics.get("calibration") or {}
     shown = f"\n(= {cal['threshold_shown']:.3f} as the probability predict shows)" if "threshold_shown" in cal else ""
     plots.confusion_matrix(report["confusion_matrix"], out.image("confusion_matrix.png"),
-                           f"Test, raw-score threshold {report['threshold']:.3f}{shown}")
-    plots.roc_curves(curves, out.image("roc_curve.png"))
-    plots.pr_curves(curves, out.image("pr_curve.png"))
+                           f"{where[0].upper() + where[1:]}, raw-score threshold {report['threshold']:.3f}{shown}")
+    plots.roc_curves(curves, out.image("roc_curve.png"), where)
+    plots.pr_curves(curves, out.image("pr_curve.png"), where)
     if len(np.unique(y)) == 2:
         raw = frame_test["prob_melanoma"].to_numpy()
         scores = {"raw score": raw}
@@ -112,10 +112,10 @@ def _plots(frame_test: pd.DataFrame, test_emb: np.ndarray, metrics: dict, out: R
             from .calibration import apply
 
             scores[f"calibrated ({calibration.method}, on validation)"] = apply(calibration, raw)
-        plots.reliability_before_after(y, scores, out.image("reliability.png"))
+        plots.reliability_before_after(y, scores, out.image("reliability.png"), title=f"Reliability, {where}")
     if len(y) >= 5:
-        plots.embedding_map(test_emb, y, out.image("embedding_map.png"), seed)
-        plots.distance_histograms(test_emb[:3000], y[:3000], out.image("distance_hist.png"))
+        plots.embedding_map(test_emb, y, out.image("embedding_map.png"), seed, where=where)
+        plots.distance_histograms(test_emb[:3000], y[:3000], out.image("distance_hist.png"), where)
 
 
 def _on_saved_split(run: LoadedRun, prepared: Prepared) -> tuple[pd.DataFrame, dict, dict]:
@@ -250,10 +250,12 @@ def evaluate_run(run_dir: Path | RunFolder, config: Config, prepared: Prepared, 
         metrics["calibration"]["shown_prevalence_source"] = source
     frame.drop(columns=["row"]).rename(columns={"target": "label"}).to_csv(out.predictions, index=False)
     out.write_metrics(_clean(metrics))
-    _report(frame, metrics, balanced_ids, config, log)
     test = frame[frame["part"] == "test"]
-    _plots(test, embeddings["test"], metrics, out, config.runtime.seed, run.calibration)
-    _groups_and_card(run, out, test, prepared, metrics, log)
+    record = None if external is None else _external_record(Path(external), prepared, test)
+    where = "test part" if record is None else f"external data {record['name']}"
+    _report(frame, metrics, balanced_ids, config, log, where)
+    _plots(test, embeddings["test"], metrics, out, config.runtime.seed, run.calibration, where)
+    _groups_and_card(run, out, test, prepared, metrics, log, record)
     if on_test is not None:
         on_test(test, embeddings["test"])
     log(f"Wrote {out.metrics}, {out.predictions}, {out.metrics_by_group.name}, {out.model_card.name} and plots in "
@@ -261,8 +263,20 @@ def evaluate_run(run_dir: Path | RunFolder, config: Config, prepared: Prepared, 
     return metrics
 
 
+def _external_record(external: Path, prepared: Prepared, test: pd.DataFrame) -> dict:
+    """What the model card says of the data an external evaluation scored (every image of it)."""
+    from .data.synth import is_generated
+
+    ds = prepared.dataset
+    source = ({"data": str(external.resolve())} if external.is_dir() else
+              {"metadata": str(ds.metadata_file.resolve()), "images": str(Path(ds.image_dir).resolve())})
+    return {"name": external.resolve().name, "source": source, "layout": ds.layout,
+            "generated": is_generated(external if external.is_dir() else None),
+            "parts": {"scored": {"images": int(len(test)), "melanoma": int(test["target"].sum())}}}
+
+
 def _groups_and_card(run: LoadedRun, out: RunFolder, test: pd.DataFrame, prepared: Prepared, metrics: dict,
-                     log: Log) -> None:
+                     log: Log, external: Optional[dict] = None) -> None:
     """Results by group (JSON, plot, printed table) on the test part at the run's threshold, and the model card."""
     from . import groups as by_group
     from .model_card import model_card
@@ -272,17 +286,14 @@ def _groups_and_card(run: LoadedRun, out: RunFolder, test: pd.DataFrame, prepare
     report = by_group.results_by_group(frame, "prob_melanoma", metrics["threshold"].get("classifier", 0.5),
                                        run.config.evaluation.bootstrap, run.config.runtime.seed)
     out.write_json(out.metrics_by_group, _clean(report))
+    where = "test part" if external is None else f"external data {external['name']}"
     if report["groupings"]:
-        plots.results_by_group(report, out.image("metrics_by_group.png"))
-    by_group.print_groups(report, log, f"--- Test results by group (threshold {report['threshold']:.4f}"
+        plots.results_by_group(report, out.image("metrics_by_group.png"), where)
+    by_group.print_groups(report, log, f"--- {'Test results' if external is None else 'Results, ' + where} by group "
+                                       f"(threshold {report['threshold']:.4f}"
                                        f"{threshold_scale(metrics)}; patient-bootstrap 95% CIs) ---")
-    info = run.folder.run_info()
-    if out.root != run.folder.root:
-        # External evaluation: the card describes the data scored here, every image of it as the test part.
-        info = {**info, "source": {"metadata": str(prepared.dataset.metadata_file)}, "layout": prepared.dataset.layout,
-                "parts": {"test": {"images": int(len(test)), "melanoma": int(test["target"].sum())}}}
-    card = model_card(str(run.folder.root), run.config, info, _clean(metrics), _clean(report),
-                      run.folder.read_baseline(), run.generated)
+    card = model_card(str(run.folder.root), run.config, run.folder.run_info(), _clean(metrics), _clean(report),
+                      run.folder.read_baseline(), run.generated, external)
     write_text_atomic(out.model_card, card)
 
 
@@ -308,15 +319,18 @@ def _metrics(frame: pd.DataFrame, thresholds: dict, config: Config, balanced_ids
     return metrics
 
 
-def _report(frame: pd.DataFrame, metrics: dict, balanced_ids: np.ndarray, config: Config, log: Log) -> None:
+def _report(frame: pd.DataFrame, metrics: dict, balanced_ids: np.ndarray, config: Config, log: Log,
+            where: str = "test part") -> None:
     test, scale = frame[frame["part"] == "test"], threshold_scale(metrics)
-    print_report("Test, natural prevalence (classifier)", test, "prob_melanoma", metrics["test"], log, scale)
+    name = "Test" if where == "test part" else where[0].upper() + where[1:]
+    print_report(f"{name}, natural prevalence (classifier)", test, "prob_melanoma", metrics["test"], log, scale)
     if "test_balanced" in metrics:
         bal = test[test["isic_id"].isin(set(balanced_ids))]
-        print_report("Test, class-balanced subsample (classifier)", bal, "prob_melanoma", metrics["test_balanced"], log,
-                     scale)
+        print_report(f"{name}, class-balanced subsample (classifier)", bal, "prob_melanoma", metrics["test_balanced"],
+                     log, scale)
     k = metrics["knn"]["test"]
-    log(f"kNN vote (k={config.evaluation.knn_k}) on test: ROC AUC {k['roc_auc']:.4f}, balanced accuracy "
+    log(f"kNN vote (k={config.evaluation.knn_k}) on {'test' if where == 'test part' else where}: ROC AUC "
+        f"{k['roc_auc']:.4f}, balanced accuracy "
         f"{100 * k['balanced_accuracy']:.2f}%")
     _report_trust(metrics, log)
 

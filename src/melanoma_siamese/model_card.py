@@ -38,12 +38,12 @@ def _ci(report: dict, key: str) -> str:
     return f"{value:.3f}{interval_text(report, key)}"
 
 
-def _data_section(info: dict, generated: bool) -> list[str]:
+def _data_section(info: dict, generated: bool, heading: str = "## Data") -> list[str]:
     source = info.get("source", {})
     parts = info.get("parts", {})
     total = sum(p["images"] for p in parts.values())
     melanoma = sum(p["melanoma"] for p in parts.values())
-    lines = ["## Data", "",
+    lines = [heading, "",
              f"- Source: {' '.join(f'`--{k} {v}`' for k, v in source.items() if v) or 'not recorded'}",
              f"- Layout: {info.get('layout', 'not recorded')}" + (" (generated images)" if generated else ""),
              f"- Images: {total}, of which {melanoma} melanoma"
@@ -102,8 +102,16 @@ def _folds_section(metrics: dict) -> list[str]:
             f"images, {oof['melanoma']} melanoma. Members' own test ROC AUC: {members}.", ""]
 
 
-def _metrics_section(metrics: dict) -> list[str]:
-    lines = ["## Metrics (test part)", "", "| set | images | melanoma | ROC AUC | sensitivity | specificity |",
+def _external_section(external: dict) -> list[str]:
+    """The data an external evaluation scored: what it is, and that all of it was scored, none held out."""
+    lines = _data_section(external, external.get("generated", False), "## External data (scored here)")
+    return lines[:-1] + ["- Scored whole: every image is in the numbers below; the model was neither trained nor "
+                         "tuned on any of it (threshold, calibration and the unfamiliar cut come from the run's own "
+                         "validation part). The run's own card, with its held-out test part, is its MODEL_CARD.md.", ""]
+
+
+def _metrics_section(metrics: dict, where: str = "test part") -> list[str]:
+    lines = [f"## Metrics ({where})", "", "| set | images | melanoma | ROC AUC | sensitivity | specificity |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, key in (("natural prevalence", "test"), ("class-balanced subsample", "test_balanced")):
         r = metrics.get(key)
@@ -139,10 +147,11 @@ def _calibration_section(metrics: dict) -> list[str]:
     return lines + [""]
 
 
-def _groups_section(groups: Optional[dict]) -> list[str]:
+def _groups_section(groups: Optional[dict], where: str = "test part") -> list[str]:
     if not groups or not groups.get("groupings"):
         return ["## Results by group", "", "The data has no sex, age, site or skin type to group by.", ""]
-    lines = ["## Results by group", "", f"Test part, same threshold; groups with fewer than {groups['min_melanoma']} "
+    lines = ["## Results by group", "", f"{where[0].upper() + where[1:]}, same threshold; groups with fewer than "
+             f"{groups['min_melanoma']} "
              "melanomas are marked too few to say (their counts stay).", "",
              "| group | images | melanoma | ROC AUC | sensitivity | specificity |", "| --- | --- | --- | --- | --- | --- |"]
     for grouping, found in groups["groupings"].items():
@@ -166,27 +175,38 @@ def _unfamiliar_section(metrics: dict) -> list[str]:
             f"images'. It flags {shares}.", ""]
 
 
-def _use_and_reproduce(info: dict, root: str) -> list[str]:
-    source = info.get("source", {})
-    data = " ".join(f"--{k} {v}" for k, v in source.items() if v) or "--data DIR"
+def _source_args(info: dict) -> str:
+    return " ".join(f"--{k} {v}" for k, v in info.get("source", {}).items() if v) or "--data DIR"
+
+
+def _use_and_reproduce(info: dict, root: str, external: Optional[dict] = None) -> list[str]:
+    data = _source_args(info)
+    again = ([f"melanoma-siamese evaluate --run {root} {_source_args(external)}"] if external else
+             [f"melanoma-siamese train {data} --config {root}/config.yaml --out runs/reproduced",
+              "melanoma-siamese evaluate --run runs/reproduced"])
     return ["## Intended use and limits", "",
             "A research tool, not a medical device: not for diagnosis or for deciding care. Its numbers hold for "
             "data like the test part above (same source, devices and population); on other data measure first "
             "(`melanoma-siamese evaluate --run RUN --data OTHER`). Groups marked too few to say are untested.", "",
-            "## How to reproduce", "", "```bash",
-            f"melanoma-siamese train {data} --config {root}/config.yaml --out runs/reproduced",
-            "melanoma-siamese evaluate --run runs/reproduced", "```", "",
+            "## How to reproduce", "", "```bash", *again, "```", "",
             f"Code: git commit {info.get('git_commit') or 'not recorded'}; versions "
             + ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items()) + ".", ""]
 
 
 def model_card(root: str, config: Config, info: dict, metrics: dict, groups: Optional[dict],
-               baseline: Optional[dict], generated: bool) -> str:
-    """MODEL_CARD.md's text for the run at `root`."""
-    lines = [f"# Model card: {root}", "", "Research use only, not diagnosis. Written by `melanoma-siamese evaluate`; "
+               baseline: Optional[dict], generated: bool, external: Optional[dict] = None) -> str:
+    """MODEL_CARD.md's text for the run at `root` (`info`: its run.json). `external`: for `evaluate --data OTHER`,
+    the data scored (source, layout, parts, generated, name); the card then describes the run's training data
+    and this evaluation apart, and says how to repeat the evaluation, not the training."""
+    where = "test part" if external is None else f"external data {external['name']}, all of it"
+    title = f"# Model card: {root}" + ("" if external is None else f", evaluated on external data {external['name']}")
+    lines = [title, "", "Research use only, not diagnosis. Written by `melanoma-siamese evaluate`; "
              "rewritten each time the run is evaluated.", ""]
-    lines += _data_section(info, generated) + _split_section(info, config) + _recipe_section(config, baseline)
-    lines += _metrics_section(metrics) + _folds_section(metrics) + _calibration_section(metrics)
-    lines += _groups_section(groups)
-    lines += _unfamiliar_section(metrics) + _use_and_reproduce(info, root)
+    if external is None:
+        lines += _data_section(info, generated) + _split_section(info, config)
+    else:
+        lines += _data_section(info, generated, "## Training data (the run's)") + _external_section(external)
+    lines += _recipe_section(config, baseline) + _metrics_section(metrics, where) + _folds_section(metrics)
+    lines += _calibration_section(metrics) + _groups_section(groups, where)
+    lines += _unfamiliar_section(metrics) + _use_and_reproduce(info, root, external)
     return "\n".join(lines)

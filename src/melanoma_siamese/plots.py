@@ -93,7 +93,7 @@ def confusion_matrix(cm: Sequence[Sequence[int]], path: Path, title: str) -> Non
     _save(fig, path)
 
 
-def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, where: str = "test part") -> None:
     """curves: name -> (labels, probabilities)."""
     fig, ax = plt.subplots(figsize=(4.8, 4.5))
     for i, (name, (y, p)) in enumerate(curves.items()):
@@ -106,12 +106,12 @@ def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> 
     ax.axhline(0.8, color="grey", lw=0.6, ls="--")
     ax.set_xlabel("1 - specificity (false-positive rate)")
     ax.set_ylabel("sensitivity (true-positive rate)")
-    ax.set_title("ROC, test part")
+    ax.set_title(f"ROC, {where}")
     ax.legend(fontsize=8, loc="lower right")
     _save(fig, path)
 
 
-def pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+def pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, where: str = "test part") -> None:
     fig, ax = plt.subplots(figsize=(4.8, 4.5))
     for i, (name, (y, p)) in enumerate(curves.items()):
         if len(np.unique(y)) < 2:
@@ -122,7 +122,7 @@ def pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> N
         ax.axhline(np.mean(y), color="grey", lw=0.6, ls=":")
     ax.set_xlabel("recall (sensitivity)")
     ax.set_ylabel("precision")
-    ax.set_title("Precision-recall, test part (dotted: prevalence)")
+    ax.set_title(f"Precision-recall, {where} (dotted: prevalence)")
     ax.legend(fontsize=8)
     _save(fig, path)
 
@@ -164,7 +164,8 @@ def reliability_before_after(labels: np.ndarray, scores: dict[str, np.ndarray], 
     _save(fig, path)
 
 
-def embedding_map(embeddings: np.ndarray, labels: np.ndarray, path: Path, seed: int = 0, max_points: int = 3000) -> None:
+def embedding_map(embeddings: np.ndarray, labels: np.ndarray, path: Path, seed: int = 0, max_points: int = 3000,
+                  where: str = "test part") -> None:
     from sklearn.manifold import TSNE
 
     rng = np.random.default_rng(seed)
@@ -175,14 +176,14 @@ def embedding_map(embeddings: np.ndarray, labels: np.ndarray, path: Path, seed: 
     for c, name, color in ((0, "benign", "tab:blue"), (1, "melanoma", "tab:red")):
         m = labels[idx] == c
         ax.scatter(xy[m, 0], xy[m, 1], s=6 if c == 0 else 10, alpha=0.6, c=color, label=name)
-    ax.set_title("t-SNE of test embeddings")
+    ax.set_title(f"t-SNE of the embeddings, {where}")
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(fontsize=8)
     _save(fig, path)
 
 
-def distance_histograms(embeddings: np.ndarray, labels: np.ndarray, path: Path) -> None:
+def distance_histograms(embeddings: np.ndarray, labels: np.ndarray, path: Path, where: str = "test part") -> None:
     """Cosine distances of same-class and other-class pairs: separation of the metric space.
 
     The axis spans the distances that occur, not the full 0-2: a trained space often puts every pair below
@@ -207,7 +208,7 @@ def distance_histograms(embeddings: np.ndarray, labels: np.ndarray, path: Path) 
                   f"; shown 0-{top:.2f} of the possible 0-2 (the farthest 0.1% of pairs in the last bin)"),
                   fontsize=8)
     ax.set_ylabel("density")
-    ax.set_title("Pair distances, test part")
+    ax.set_title(f"Pair distances, {where}")
     ax.legend(fontsize=7)
     _save(fig, path)
 
@@ -227,7 +228,7 @@ def image_grid(images: np.ndarray, titles: Sequence[str], path: Path, title: str
     _save(fig, path)
 
 
-def results_by_group(report: dict, path: Path) -> None:
+def results_by_group(report: dict, path: Path, where: str = "test part") -> None:
     """Test ROC AUC per group (groups.results_by_group) as horizontal bars with 95% interval whiskers, counts on
     the labels; a group with too few melanomas gets no bar and says so."""
     rows = [(f"{grouping}: {group}\n{r['images']} images, {r['melanoma']} melanoma", r)
@@ -248,6 +249,6 @@ def results_by_group(report: dict, path: Path) -> None:
     ax.invert_yaxis()
     ax.axvline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_xlim(0, 1.02)
-    ax.set_xlabel("ROC AUC, test part (whiskers: 95% patient-bootstrap interval; dotted line: chance)", fontsize=8)
+    ax.set_xlabel(f"ROC AUC, {where} (whiskers: 95% patient-bootstrap interval; dotted line: chance)", fontsize=8)
     ax.set_title(f"Results by group (fewer than {report['min_melanoma']} melanomas: too few to say)", fontsize=9)
     _save(fig, path)
