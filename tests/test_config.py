@@ -88,3 +88,18 @@ def test_a_timm_prefix_without_a_name_is_refused_when_the_configuration_loads(va
         load_config(None, [f"model.backbone={value}"])
     with pytest.raises(ConfigError, match="names no timm model"):
         load_config(None, ["model.backbone='timm: '"])
+
+
+def test_a_bad_override_is_blamed_on_its_set_not_on_the_file(tmp_path):
+    from melanoma_siamese.config import load_config
+
+    packaged = tmp_path / "default.yaml"
+    packaged.write_text("siamese:\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as found:
+        load_config(packaged, ["siamese.lr=0.01", "siamese.epoch=3"])
+    assert str(found.value).startswith("--set siamese.epoch=3: unknown configuration key(s) siamese.epoch")
+    with pytest.raises(ConfigError, match=r"^--set data.image_size=abc: data.image_size: expected int, got 'abc'"):
+        load_config(packaged, ["data.image_size=abc"])
+    packaged.write_text("siamese:\n  epoch: 3\n")  # the file's own mistake is still the file's
+    with pytest.raises(ConfigError, match=rf"^{packaged}: unknown configuration key\(s\) siamese.epoch"):
+        load_config(packaged, ["siamese.lr=0.01"])

@@ -5,6 +5,7 @@ configuration is written into every run folder so a result can be re-run from it
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -345,15 +346,25 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         values = loaded
+        _built(values, str(path))
     for text in overrides:
         key, value = parse_override(text)
+        # Each override alone on top of the file, so a bad key or value is blamed on the --set that gave it
+        # rather than on a file the user never touched (choices across keys are checked once, below).
+        trial = copy.deepcopy(values)
+        _nested(trial, key, value)
+        _built(trial, f"--set {text}")
         _nested(values, key, value)
-    try:
-        config = _build(Config, values, "")
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    config = _built(values, "")
     _check_choices(config)
     return config
+
+
+def _built(values: dict[str, Any], source: str) -> Config:
+    try:
+        return _build(Config, values, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
 
 
 def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
