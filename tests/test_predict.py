@@ -65,7 +65,7 @@ def test_neighbours_are_the_exact_nearest_training_images(run, tiny_data):
         assert np.allclose([row[f"neighbour_{n}_distance"] for n in range(1, 5)], brute, atol=1e-5)
 
 
-def test_bad_files_get_a_row_with_the_reason_and_a_nonzero_exit(run_dir, tiny_data, tmp_path):
+def test_bad_files_get_a_row_with_the_reason_and_a_nonzero_exit(run_dir, tiny_data, tmp_path, capsys):
     folder = tmp_path / "mixed"
     folder.mkdir()
     good = image_files(tiny_data)[:3]
@@ -84,6 +84,13 @@ def test_bad_files_get_a_row_with_the_reason_and_a_nonzero_exit(run_dir, tiny_da
     assert reasons["truncated.jpg"]
     assert "too large" in reasons["bomb.png"]
     assert "does not exist" in reasons["absent.jpg"]
+    assert f"4 of 7 file(s) could not be used; the reason for each is in the `reason` column of {out}" in \
+        capsys.readouterr().err
+    # Without --csv the reasons are the table's last column, and the closing line says so.
+    assert main(["predict", "--run", str(run_dir), str(folder / "notes.jpg"), "--no-progress"]) == 1
+    printed = capsys.readouterr()
+    assert "FAILED" in printed.out and "not an image" in printed.out.splitlines()[-1]
+    assert "the last column of the table above (FAILED rows)" in printed.err
 
 
 def test_csv_list_batches_and_progress_bar(run, run_dir, tiny_data, tmp_path, capsys, monkeypatch):

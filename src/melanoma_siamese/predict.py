@@ -100,7 +100,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"Wrote {args.csv}")
     failed = sum(r["status"] != "ok" for r in rows)
     if failed:
-        print(f"{failed} of {len(rows)} file(s) could not be used; see the reason column", file=sys.stderr)
+        where = f"the `reason` column of {args.csv}" if args.csv else "the last column of the table above (FAILED rows)"
+        print(f"{failed} of {len(rows)} file(s) could not be used; the reason for each is in {where}", file=sys.stderr)
     return 1 if failed else 0
 
 
