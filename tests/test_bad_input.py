@@ -147,3 +147,65 @@ def test_overwrite_replaces_every_file_of_the_old_run_and_keeps_the_rest(tmp_pat
     assert "old" not in (run / "config.yaml").read_text().split(":")[0]
     log = (run / "train.log").read_text()
     assert "the old run's log" not in log and "=== train started" in log.splitlines()[0]
+
+
+def test_a_folder_that_is_not_a_run_loses_nothing(tmp_path, capsys, tiny_data):
+    """--out holding the user's own images/ and external/ (names a run also writes): refused; with --overwrite
+    the run is written there but nothing of the user's is removed."""
+    out = tmp_path / "mine"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "lesion.jpg").write_bytes(b"the user's photo")
+    (out / "external" / "clinic").mkdir(parents=True)
+    code, err = _train(tiny_data, out, capsys, *set_args())
+    assert code == 2 and "is not a run folder but holds names a run writes (images, external)" in err
+    code, _ = _train(tiny_data, out, capsys, "--overwrite", *set_args(), "--set", "siamese.epochs=1",
+                     "--set", "classifier.epochs=1")
+    assert code == 0 and (out / "models" / "siamese.pth").is_file()
+    assert (out / "images" / "lesion.jpg").read_bytes() == b"the user's photo" and (out / "external" / "clinic").is_dir()
+
+
+def test_data_inside_the_run_it_would_replace_is_refused(tmp_path, capsys, tiny_data):
+    import shutil
+
+    run = tmp_path / "run"
+    _old_run(run)
+    data = run / "external" / "data"
+    shutil.copytree(tiny_data, data)
+    before = _files(run)
+    code, err = _train(data, run, capsys, "--overwrite", *set_args())
+    assert code == 2 and f"{data} lies inside the folder of the run it would replace" in err
+    assert _files(run) == before
+
+
+def test_what_stops_a_k_fold_run_stops_it_before_anything_is_written(tmp_path, capsys):
+    data = kaggle_dataset(tmp_path / "d")  # 10 melanoma patients, 7 of them in the training part
+    code, err = _train(data, tmp_path / "run", capsys, *set_args(), "--folds", "8")
+    assert code == 2 and "data.folds=8" in err and "use fewer folds" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_backbone_stops_a_run_before_anything_is_written(tmp_path, capsys, tiny_data):
+    code, err = _train(tiny_data, tmp_path / "run", capsys, *set_args(), "--set", "model.backbone=resnet19")
+    assert code == 2 and "resnet19" in err and not (tmp_path / "run").exists()
+
+
+def test_demo_does_not_replace_a_run_that_is_not_a_demo(tmp_path, capsys):
+    run = tmp_path / "run"
+    before = _old_run(run)
+    assert main(["demo", "--out", str(run), "--no-progress"]) == 2
+    assert "holds a run that is not a demo's" in capsys.readouterr().err and _files(run) == before
+
+
+def test_clearing_a_run_removes_a_link_not_what_it_points_to(tmp_path):
+    from melanoma_siamese.runfolder import RunFolder
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.png").write_bytes(b"x")
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    run.config.write_text("a: 1\n")
+    run.images.symlink_to(elsewhere, target_is_directory=True)
+    run.clear()
+    assert not run.images.exists() and not run.images.is_symlink() and (elsewhere / "keep.png").is_file()
+    assert not run.config.exists()

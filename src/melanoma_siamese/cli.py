@@ -129,9 +129,13 @@ def _data_of(args: argparse.Namespace, run: RunFolder):
 def _refuse_mixing(run: RunFolder, args: argparse.Namespace) -> None:
     """A new run written over an old one would leave some of the old files beside the new (its models, when the
     new one stops early), and a later command would read the mix without a word: ask what is meant."""
-    if args.stage == "classifier" or args.overwrite or not run.holds_run():
+    if args.stage == "classifier" or args.overwrite or not run.owned():
         return
     found = ", ".join(p.name for p in run.owned()[:5])
+    if not run.holds_run():
+        raise ConfigError(f"--out {run.root} is not a run folder but holds names a run writes ({found}); a run "
+                          "would write among them. Give a new or empty --out folder (or --overwrite to write there "
+                          "anyway: nothing that is not a run's is removed)")
     raise ConfigError(f"--out {run.root} already holds a run ({found}, ...). Give a new --out folder; or --resume "
                       f"{run.root} to continue it; or --stage classifier to retrain its classifier on its encoder; or "
                       "--overwrite to replace it (its files are removed only once the new run's data and weights "
@@ -191,6 +195,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = resolve_config(args, base=config_path(args.config or "demo"))
     data_dir = args.out / "data"
+    earlier = RunFolder(args.out)
+    if earlier.holds_run() and (earlier.run_info().get("source") or {}).get("data") != str(data_dir.resolve()):
+        raise ConfigError(f"--out {args.out} holds a run that is not a demo's (trained on other data than "
+                          f"{data_dir}); the demo would replace it. Give another --out")
     if not (data_dir / "train-metadata.csv").is_file():
         make_synthetic_dataset(data_dir, args.images, 0.25, size=config.data.image_size, seed=config.runtime.seed)
         print(f"Generated {args.images} synthetic images in {data_dir}")

@@ -23,10 +23,11 @@ import torch
 from .checkpoint import load_model, save_model
 from .config import Config, dump_yaml, with_overrides
 from .data.prepare import Prepared, write_split
+from .data.split import fold_problems
 from .distributed import process_group
-from .errors import DataError, Problem
+from .errors import DataError
 from .hooks import Hooks, hooks_from_env
-from .metrics import binary_report, bootstrap_ci
+from .metrics import binary_report, bootstrap_ci, interval_text
 from .models import EnsembleClassifier, EnsembleEncoder
 from .runfolder import RunFolder, write_text_atomic
 from .stage1 import train_siamese
@@ -51,13 +52,10 @@ def assign_folds(train: pd.DataFrame, k: int, seed: int, where: str) -> np.ndarr
     close to the part's (scikit-learn's StratifiedGroupKFold). Each fold must hold both classes."""
     from sklearn.model_selection import StratifiedGroupKFold
 
+    problems = fold_problems(train, k, where)
+    if problems:
+        raise DataError(problems)
     y, patients = train["target"].to_numpy(), train["patient_id"].astype(str).to_numpy()
-    for label, name in ((1, "melanoma"), (0, "benign")):
-        count = len(set(patients[y == label]))
-        if count < k:
-            raise DataError([Problem(where, f"data.folds={k}: the training part has {count} patient(s) with "
-                                     f"{name} images; each fold needs at least one (use fewer folds)",
-                                     "target", str(label))])
     folds = np.empty(len(y), dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     for fold, (_, held) in enumerate(splitter.split(np.zeros(len(y)), y, patients)):
@@ -189,7 +187,7 @@ def _out_of_fold(run: RunFolder, members: list[RunFolder], config: Config) -> di
     if config.evaluation.bootstrap and len(np.unique(y)) == 2:
         ci = bootstrap_ci(y, score, oof["patient_id"].to_numpy(), 0.5, config.evaluation.bootstrap,
                           config.runtime.seed)
-        report["roc_auc_ci"] = ci.get("roc_auc_ci")
+        report.update({k: v for k, v in ci.items() if k.startswith("roc_auc_ci")})
     results = [member.read_metrics() for member in members]
     return {"k": len(members), "out_of_fold": report,
             "members": [{"fold": fold, "folder": str(member.root.relative_to(run.root)),
@@ -217,7 +215,6 @@ def _ensemble_baseline(members: list[RunFolder]) -> dict:
 
 def _summary_line(summary: dict) -> str:
     oof = summary["out_of_fold"]
-    ci = oof.get("roc_auc_ci")
     members = ", ".join(f"{m['test_roc_auc']:.4f}" for m in summary["members"])
-    return (f"[Folds] out-of-fold ROC AUC {oof['roc_auc']:.4f}" + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
-            + f" on {oof['images']} training images; members' test ROC AUC: {members}; the ensemble's follows")
+    return (f"[Folds] out-of-fold ROC AUC {oof['roc_auc']:.4f}{interval_text(oof, 'roc_auc', 4)} on {oof['images']} "
+            f"training images; members' test ROC AUC: {members}; the ensemble's follows")

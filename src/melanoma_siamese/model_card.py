@@ -94,12 +94,11 @@ def _folds_section(metrics: dict) -> list[str]:
     if not folds:
         return []
     oof = folds["out_of_fold"]
-    ci = oof.get("roc_auc_ci")
     members = ", ".join(f"{m['test_roc_auc']:.3f}" for m in folds["members"])
     return ["## Ensemble members", "",
             f"Out-of-fold ROC AUC (each training image scored by the member that did not train on it): "
-            f"{oof['roc_auc']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "") + f" on {oof['images']} "
-            f"images, {oof['melanoma']} melanoma. Members' own test ROC AUC: {members}.", ""]
+            f"{_ci(oof, 'roc_auc')} on {oof['images']} images, {oof['melanoma']} melanoma. Members' own test ROC "
+            f"AUC: {members}.", ""]
 
 
 def _external_section(external: dict) -> list[str]:

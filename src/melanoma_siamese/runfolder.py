@@ -165,7 +165,20 @@ class RunFolder:
         import shutil
 
         for path in self.owned():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            # A link is removed as a link: what it points to is not the run's.
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+    def holding(self, paths: Sequence[Optional[Path]]) -> list[Path]:
+        """Those of `paths` that lie inside one of this run's own files or folders (clear would remove them)."""
+        owned = [p.resolve() for p in self.owned()]
+        found = []
+        for path in paths:
+            if path is None:
+                continue
+            resolved = Path(path).resolve()
+            if any(resolved == o or o in resolved.parents for o in owned):
+                found.append(Path(path))
+        return found
 
     def make(self) -> "RunFolder":
         self.models.mkdir(parents=True, exist_ok=True)

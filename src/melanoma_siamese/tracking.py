@@ -109,16 +109,25 @@ def open_tracker(setting: str, folder: Path, purge_from: Optional[int] = None) -
     `purge_from`: the first stage-1 epoch this session writes (0 for a fresh run, the resumed epoch + 1 for
     `train --resume`); TensorBoard hides events an earlier session wrote at that step or later. None: keep all
     (a session that does not train stage 1)."""
-    if setting == "off":
+    writer_class = summary_writer(setting)
+    if writer_class is None:
         return Tracker(None)
+    return Tracker(writer_class(str(folder), purge_step=purge_from), purge_from or 0)
+
+
+def summary_writer(setting: str):
+    """TensorBoard's SummaryWriter class where runtime.tensorboard asks for it and it is installed, else None;
+    a ConfigError when the setting is "on" and TensorBoard is missing (train checks this before writing)."""
+    if setting == "off":
+        return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
         if setting == "on":
             raise ConfigError(f"runtime.tensorboard=on needs TensorBoard ({exc}); install it with "
                               "pip install 'melanoma-siamese[track]', or set runtime.tensorboard=off") from exc
-        return Tracker(None)
-    return Tracker(SummaryWriter(str(folder), purge_step=purge_from), purge_from or 0)
+        return None
+    return SummaryWriter
 
 
 class Tracker:

@@ -19,17 +19,19 @@ from .checkpoint import load_model, save_model
 from .config import Config, dump_yaml
 from .data.images import to_chw, train_transform
 from .data.prepare import Prepared, apply_saved_split, assign_split, load_and_validate, write_split
+from .data.split import fold_problems
 from .distributed import Dist, process_group
 from .engine import embed
+from .errors import ConfigError, DataError
 from .hooks import Hooks, hooks_from_env
 from .metrics import knn_probabilities
-from .models import Encoder, check_weights
+from .models import Encoder, check_backbone
 from .rng import seed_everything
 from .runfolder import RunFolder, write_text_atomic
 from .runtime import resolve_device
 from .stage1 import label_of_rows, train_siamese, validation_reference
 from .stage2 import train_classifier
-from .tracking import open_tracker, session_log
+from .tracking import open_tracker, session_log, summary_writer
 from .train_state import read_state
 
 Log = Callable[[str], None]
@@ -110,6 +112,24 @@ def input_sample(config: Config, prepared: Prepared, path: Path) -> None:
     plots.image_grid(np.stack(images), titles, path, f"Augmented training input ({d.image_size} px)")
 
 
+def check_before_writing(config: Config, prepared: Prepared, source: DataSource, run: RunFolder) -> None:
+    """What would stop a fresh run after its folder was written (and an earlier run there removed), checked
+    first: the backbone and its weights, the folds' patients, TensorBoard where asked for, and no input inside
+    the run's own files."""
+    m = config.model
+    inside = run.holding([source.data, source.metadata, source.images,
+                          None if m.pretrained in ("none", "imagenet") else Path(m.pretrained)])
+    if inside:
+        raise ConfigError(f"--out {run.root}: {', '.join(map(str, inside))} lies inside the folder of the run it "
+                          "would replace; give another --out")
+    check_backbone(m.backbone, m.pretrained, m.embedding_dim)
+    if config.data.folds >= 2:
+        problems = fold_problems(prepared.part("train"), config.data.folds, str(prepared.dataset.metadata_file))
+        if problems:
+            raise DataError(problems)
+    summary_writer(config.runtime.tensorboard)
+
+
 def prepare_run(config: Config, source: DataSource, run: RunFolder, stage: str, resume: bool, d: Dist, log: Log
              ) -> tuple[Prepared, torch.device]:
     """Read and validate the data, split it (or reapply the run's split), and write the run's description.
@@ -127,13 +147,13 @@ def prepare_run(config: Config, source: DataSource, run: RunFolder, stage: str, 
     log(f"Device: {device}" + (f" (rank 0 of {d.world_size} processes)" if d.enabled else ""))
     fresh = stage in ("all", "siamese") and not resume
     if fresh:
-        check_weights(config.model.backbone, config.model.pretrained, config.model.embedding_dim)
+        check_before_writing(config, prepared, source, run)
     info = run_info(config, device, source, prepared)
     info["world_size"] = d.world_size
     if d.main:
-        # Only now, with the data valid and the weights at hand, is the folder written to: a fresh run first
-        # removes what an earlier run left (cli's train refuses a run folder unless told --overwrite).
-        if fresh:
+        # Only now, with every check passed, is the folder written to: a fresh run first removes what an earlier
+        # run left there (cli's train refuses a folder holding one unless told --overwrite).
+        if fresh and run.holds_run():
             run.clear()
         run.make()
         getattr(log, "start", lambda: None)()  # a TrainLog has held its lines until now (tracking.TrainLog)

@@ -23,6 +23,18 @@ def split_problems(table: pd.DataFrame, val_fraction: float, test_fraction: floa
     return problems
 
 
+def fold_problems(train: pd.DataFrame, k: int, file: str) -> list[Problem]:
+    """data.folds=k needs at least k patients of each class in the training part (each fold holds both)."""
+    patients = train["patient_id"].astype(str)
+    problems = []
+    for label, name in ((1, "melanoma"), (0, "benign")):
+        count = patients[train["target"] == label].nunique()
+        if count < k:
+            problems.append(Problem(file, f"data.folds={k}: the training part has {count} patient(s) with {name} "
+                                    "images; each fold needs at least one (use fewer folds)", "target", str(label)))
+    return problems
+
+
 def _take_fold(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     splitter = StratifiedGroupKFold(n_splits=max(2, round(1 / fraction)), shuffle=True, random_state=seed)
     _, held = next(splitter.split(np.zeros(len(labels)), labels, groups))
