@@ -129,9 +129,10 @@ def _data_of(args: argparse.Namespace, run: RunFolder):
 def _refuse_mixing(run: RunFolder, args: argparse.Namespace) -> None:
     """A new run written over an old one would leave some of the old files beside the new (its models, when the
     new one stops early), and a later command would read the mix without a word: ask what is meant."""
-    if args.stage == "classifier" or args.overwrite or not run.owned():
+    owned = run.owned()
+    if args.stage == "classifier" or args.overwrite or not owned:
         return
-    found = ", ".join(p.name for p in run.owned()[:5])
+    found = ", ".join(p.name for p in owned[:5])
     if not run.holds_run():
         raise ConfigError(f"--out {run.root} is not a run folder but holds names a run writes ({found}); a run "
                           "would write among them. Give a new or empty --out folder (or --overwrite to write there "

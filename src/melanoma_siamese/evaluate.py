@@ -255,7 +255,7 @@ def evaluate_run(run_dir: Path | RunFolder, config: Config, prepared: Prepared, 
     where = "test part" if record is None else f"external data {record['name']}"
     _report(frame, metrics, balanced_ids, config, log, where)
     _plots(test, embeddings["test"], metrics, out, config.runtime.seed, run.calibration, where)
-    _groups_and_card(run, out, test, prepared, metrics, log, record)
+    _groups_and_card(run, out, test, prepared, metrics, log, record, where)
     if on_test is not None:
         on_test(test, embeddings["test"])
     log(f"Wrote {out.metrics}, {out.predictions}, {out.metrics_by_group.name}, {out.model_card.name} and plots in "
@@ -276,7 +276,7 @@ def _external_record(external: Path, prepared: Prepared, test: pd.DataFrame) -> 
 
 
 def _groups_and_card(run: LoadedRun, out: RunFolder, test: pd.DataFrame, prepared: Prepared, metrics: dict,
-                     log: Log, external: Optional[dict] = None) -> None:
+                     log: Log, external: Optional[dict] = None, where: str = "test part") -> None:
     """Results by group (JSON, plot, printed table) on the test part at the run's threshold, and the model card."""
     from . import groups as by_group
     from .model_card import model_card
@@ -286,7 +286,6 @@ def _groups_and_card(run: LoadedRun, out: RunFolder, test: pd.DataFrame, prepare
     report = by_group.results_by_group(frame, "prob_melanoma", metrics["threshold"].get("classifier", 0.5),
                                        run.config.evaluation.bootstrap, run.config.runtime.seed)
     out.write_json(out.metrics_by_group, _clean(report))
-    where = "test part" if external is None else f"external data {external['name']}"
     if report["groupings"]:
         plots.results_by_group(report, out.image("metrics_by_group.png"), where)
     by_group.print_groups(report, log, f"--- {'Test results' if external is None else 'Results, ' + where} by group "

@@ -12,7 +12,6 @@ members that finished and continues the interrupted one from its last completed 
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 from typing import Callable, Optional
 

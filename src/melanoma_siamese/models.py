@@ -71,12 +71,6 @@ def build_backbone(name: str, pretrained: str, embedding_dim: int) -> nn.Module:
     return _replace_classifier(model, embedding_dim)
 
 
-def check_backbone(backbone: str, pretrained: str, embedding_dim: int) -> None:
-    """Build the backbone once and drop it, so an unknown name, or weights that cannot be had or do not fit,
-    stop a run before its folder is written to (stage 1 builds it again, seeded)."""
-    build_backbone(backbone, pretrained, embedding_dim)
-
-
 class Encoder(nn.Module):
     """Image -> L2-normalised embedding. `head` is an optional linear CE head on the embedding."""
 

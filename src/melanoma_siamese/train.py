@@ -25,7 +25,7 @@ from .engine import embed
 from .errors import ConfigError, DataError
 from .hooks import Hooks, hooks_from_env
 from .metrics import knn_probabilities
-from .models import Encoder, check_backbone
+from .models import Encoder, build_backbone
 from .rng import seed_everything
 from .runfolder import RunFolder, write_text_atomic
 from .runtime import resolve_device
@@ -122,7 +122,9 @@ def check_before_writing(config: Config, prepared: Prepared, source: DataSource,
     if inside:
         raise ConfigError(f"--out {run.root}: {', '.join(map(str, inside))} lies inside the folder of the run it "
                           "would replace; give another --out")
-    check_backbone(m.backbone, m.pretrained, m.embedding_dim)
+    # Built once and dropped: an unknown name, or weights that cannot be had or do not fit, stop the run here
+    # (stage 1 builds it again, seeded).
+    build_backbone(m.backbone, m.pretrained, m.embedding_dim)
     if config.data.folds >= 2:
         problems = fold_problems(prepared.part("train"), config.data.folds, str(prepared.dataset.metadata_file))
         if problems:
