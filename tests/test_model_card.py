@@ -76,4 +76,5 @@ def test_external_card_keeps_training_and_scored_data_apart():
     assert "`--data /x/other`" in scored and "Images: 24, of which 6 melanoma" in scored and "none needed" in scored
     assert "Scored whole" in scored and "## Split" not in text
     assert "## Metrics (external data other, all of it)" in text
+    assert "On the external data other, all of it: expected calibration error 0.300" in text
     assert "melanoma-siamese evaluate --run runs/isic --data /x/other" in text and "melanoma-siamese train" not in text

@@ -133,7 +133,7 @@ def _metrics_section(metrics: dict, where: str = "test part") -> list[str]:
     return lines + [""]
 
 
-def _calibration_section(metrics: dict) -> list[str]:
+def _calibration_section(metrics: dict, where: str = "test part") -> list[str]:
     cal = metrics.get("calibration")
     if not cal:
         return ["## Calibration", "", "None: this run shows the classifier's raw score.", ""]
@@ -141,7 +141,7 @@ def _calibration_section(metrics: dict) -> list[str]:
              f"prevalence of {100 * cal['shown_at_prevalence']:.2f}% ({cal.get('shown_prevalence_source', '')})."]
     if "test" in cal:
         c = cal["test"]
-        lines.append(f"On test: expected calibration error {c['ece_before']:.3f} before, {c['ece_after']:.3f} after; "
+        lines.append(f"On the {where}: expected calibration error {c['ece_before']:.3f} before, {c['ece_after']:.3f} after; "
                      f"Brier {c['brier_before']:.3f} before, {c['brier_after']:.3f} after.")
     return lines + [""]
 
@@ -206,6 +206,6 @@ def model_card(root: str, config: Config, info: dict, metrics: dict, groups: Opt
     else:
         lines += _data_section(info, generated, "## Training data (the run's)") + _external_section(external)
     lines += _recipe_section(config, baseline) + _metrics_section(metrics, where) + _folds_section(metrics)
-    lines += _calibration_section(metrics) + _groups_section(groups, where)
+    lines += _calibration_section(metrics, where) + _groups_section(groups, where)
     lines += _unfamiliar_section(metrics) + _use_and_reproduce(info, root, external)
     return "\n".join(lines)
