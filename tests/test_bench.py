@@ -23,9 +23,10 @@ def test_bench_reports_every_measurement(tmp_path, capsys):
     assert set(rows) == {"cache build (decode every JPEG once)", "input pipeline", "backbone passes per training "
                          "image per epoch", "embedding extraction vs model-only forward", "anonymous RSS",
                          "per-image CPU latency", "predict on 16 JPEG files vs model-only", "model alone", "serve",
-                         "serve p95 latency"}
-    engines = [r["name"].split(", ")[1] for r in report["rows"] if r["name"].startswith("predict on")]
-    assert engines == ["torch", "onnxruntime"]
+                         "serve p95 latency", "predict's own work (model left out) vs model-only"}
+    for start in ("predict on", "predict's own work"):  # each engine: predict, and predict without the model
+        assert [r["name"].split(", ")[1] for r in report["rows"] if r["name"].startswith(start)] == \
+            ["torch", "onnxruntime"]
     clients = [r["name"].split(", ")[1] for r in report["rows"] if r["name"].startswith("serve, ")]
     assert clients == ["1 concurrent client(s)", "8 concurrent client(s)", "32 concurrent client(s)"]
     ceiling = rows["model alone"]  # what batching can gain at most here, beside the serve rows it bounds
@@ -82,6 +83,7 @@ def test_gpu_bench_code_path_runs_on_a_cpu(tmp_path, monkeypatch):
     names = [r.name for r in rows]
     assert "distinct training images/s, ours vs the reference's way" in names
     assert any(n.startswith("predict on 16 JPEG files vs model-only, torch, CPU") for n in names)
+    assert "predict's own work (model left out) vs model-only, torch, CPU" in names
     assert sum(n.startswith("serve") for n in names) == 4
     assert "model alone, batch of 32 vs one image per pass, CPU" in names
     for r in rows:

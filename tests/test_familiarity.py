@@ -125,3 +125,21 @@ def test_appearance_features_do_not_depend_on_the_chunk():
     pixels = np.random.default_rng(7).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
     assert np.array_equal(familiarity.appearance_features(pixels, chunk=3), familiarity.appearance_features(pixels))
     assert familiarity.appearance_features(pixels[:0]).shape == (0, 9)
+
+
+def test_appearance_features_are_numpys_histogram_of_the_laplacian():
+    # The counting is written for speed; a run's index holds descriptors made by the version before, so the new
+    # way must give the very same numbers: np.histogram of |Laplacian| of the channel mean, edges included.
+    rng = np.random.default_rng(8)
+    pixels = np.concatenate([rng.integers(0, 256, (5, 24, 24, 3), dtype=np.uint8),
+                             np.zeros((1, 24, 24, 3), dtype=np.uint8),  # every value on the first edge, 0
+                             (np.indices((24, 24)).sum(0) % 2 * 255).astype(np.uint8)[None, ..., None].repeat(3, 3),
+                             np.clip(rng.normal(128, 2, (3, 24, 24, 3)), 0, 255).astype(np.uint8)])
+    grey = pixels.astype(np.float32).mean(axis=3) / 255
+    laplacian = np.abs(4 * grey[:, 1:-1, 1:-1] - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1] - grey[:, 1:-1, :-2]
+                       - grey[:, 1:-1, 2:]).reshape(len(pixels), -1)
+    assert laplacian.max() == 4  # the checkerboard reaches the top of the last bin
+    counts = np.stack([np.histogram(row, bins=familiarity._TEXTURE_BINS)[0] for row in laplacian])
+    expected = np.sqrt(counts / laplacian.shape[1]).astype(np.float32)
+    assert np.allclose(familiarity.appearance_features(pixels), expected, atol=1e-7)
+    assert (familiarity.appearance_features(pixels) > 0).sum(1).min() >= 1

@@ -1,6 +1,7 @@
 """Fault tolerance: SIGKILL mid-epoch, resume, and end bit for bit where an uninterrupted run ends."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,8 +38,16 @@ def _diverged(trace_a, trace_b) -> list[str]:
     return out
 
 
+# The training module under torch.compile (inductor; on a CPU it needs a C++ compiler): its checkpoints are the
+# plain module's, and a resumed compiled run ends where an uninterrupted compiled one does.
+COMPILED = pytest.param(["--set", "runtime.compile=true"], id="in-batch-compiled", marks=pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None,
+    reason="torch.compile on a CPU needs a C++ compiler (g++), and this machine has none"))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [[], SAMPLED], ids=["in-batch", "sampled-triplets-with-workers"])
+@pytest.mark.parametrize("recipe", [pytest.param([], id="in-batch"), pytest.param(SAMPLED,
+                                    id="sampled-triplets-with-workers"), COMPILED])
 def test_sigkill_mid_epoch_then_resume_is_bit_exact(tiny_data, tmp_path, recipe):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     trace_a, trace_b = tmp_path / "trace_straight", tmp_path / "trace_broken"

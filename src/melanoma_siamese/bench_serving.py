@@ -75,9 +75,13 @@ def alternating_seconds(sides: dict[str, Callable[[], None]], repeats: int) -> d
 
 
 def predict_speed(run_dir: Path, paths: Sequence[str], engine: str, device: str, batch: int,
-                  repeats: int = 2) -> Row:
+                  repeats: int = 2) -> list[Row]:
     """`predict` (decode the files, score, describe each answer) against the engine's scorer alone on the same
-    images already decoded in memory, alternating `repeats` times."""
+    images already decoded in memory, alternating `repeats` times; and, as a third side, predict with the
+    model's work left out (its scorer answers at once with embeddings it made before): how fast decoding and
+    describing go on their own, the most predict can reach on this machine whatever runs the model."""
+    import copy
+
     from .inference import decoded_chunks, predict_paths
 
     predictor = _predictor(run_dir, engine, device, batch)
@@ -86,26 +90,36 @@ def predict_speed(run_dir: Path, paths: Sequence[str], engine: str, device: str,
     pixels = np.stack([p for chunk in decoded_chunks(list(map(Path, paths)), batch, size, 10**9)
                        for p, _ in chunk[1]])
     sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+    made = predictor.score(pixels[:batch])  # warm-up of the model; real answers for the model-free side
+    model_free = copy.copy(predictor)
+    model_free.score = lambda images: tuple(np.resize(part, (len(images), *part.shape[1:])) for part in made)
 
     def model_only() -> None:
         for start in range(0, len(pixels), batch):
             predictor.score(pixels[start:start + batch])
         sync()
 
-    def predict() -> None:
-        rows = predict_paths(predictor, [Path(p) for p in paths], batch_size=batch)
-        assert all(r["status"] == "ok" for r in rows), "a generated image failed to decode"
+    def sides(p) -> Callable[[], None]:
+        def predict() -> None:
+            rows = predict_paths(p, [Path(f) for f in paths], batch_size=batch)
+            assert all(r["status"] == "ok" for r in rows), "a generated image failed to decode"
+        return predict
 
-    predictor.score(pixels[:batch])  # warm-up of both
-    predict_paths(predictor, [Path(p) for p in paths[:batch]], batch_size=batch)
-    times = alternating_seconds({"model": model_only, "predict": predict}, repeats)
-    ours, model = repeats * len(paths) / times["predict"], repeats * len(paths) / times["model"]
+    predict_paths(predictor, [Path(p) for p in paths[:batch]], batch_size=batch)  # warm-up of predict
+    times = alternating_seconds({"model": model_only, "predict": sides(predictor), "free": sides(model_free)},
+                                repeats)
+    ours, model, free = (repeats * len(paths) / times[k] for k in ("predict", "model", "free"))
     where = "GPU" if run.device.type == "cuda" else "CPU"
-    return Row(f"predict on {len(paths)} JPEG files vs model-only, {engine}, {where}", ours, model, "images/s",
-               ours / model, ">= 0.8", ours / model >= 0.8,
-               f"{run.encoder.args['backbone']} at {size} px, batch {batch}; predict decodes the files in threads "
-               "while the model scores the chunk before, then describes each answer (kNN vote, neighbours, "
-               "unfamiliar check); model-only: the engine's scorer on the same images already decoded")
+    what = f"{run.encoder.args['backbone']} at {size} px, batch {batch}"
+    return [Row(f"predict on {len(paths)} JPEG files vs model-only, {engine}, {where}", ours, model, "images/s",
+                ours / model, ">= 0.8", ours / model >= 0.8,
+                f"{what}; predict decodes the files in threads while the model scores the chunk before, then "
+                "describes each answer (kNN vote, neighbours, unfamiliar check); model-only: the engine's scorer on "
+                "the same images already decoded"),
+            Row(f"predict's own work (model left out) vs model-only, {engine}, {where}", free, model, "images/s",
+                free / model, "-", None,
+                f"{what}; decoding and describing alone on this machine's CPU: predict cannot be faster than this "
+                "on any device, and reaches 0.8 of model-only only where this is well above 1")]
 
 
 def batching_ceiling(run_dir: Path, pixels: np.ndarray, device: str, repeats: int = 2) -> Row:
@@ -187,9 +201,10 @@ async def _load(base: str, data: bytes, clients: int, total: int) -> tuple[float
 
 
 def serve_speed(run_dir: Path, data: bytes, work: Path, device: str, requests: int,
-                levels: Sequence[int] = SERVE_LEVELS) -> list[Row]:
+                levels: Sequence[int] = SERVE_LEVELS, rounds: int = 4) -> list[Row]:
     """Both servers up side by side (batched, and one request per forward pass); at each level of concurrency
-    they are loaded one after the other."""
+    they take turns, up to `rounds` each (one first, then the other first), so that what drifts on the machine
+    during a level falls on both alike."""
     measured: dict[str, dict[int, tuple[float, list[float]]]] = {"batched": {}, "single": {}}
     with serve_process(run_dir, work / "serve-batched.log", "--device", device, "--max-batch", "32") as batched, \
             serve_process(run_dir, work / "serve-single.log", "--device", device, "--max-batch", "1") as single:
@@ -198,9 +213,18 @@ def serve_speed(run_dir: Path, data: bytes, work: Path, device: str, requests: i
             asyncio.run(_load(base, data, max(levels), 2 * max(levels)))
         for clients in levels:
             total = max(requests, 2 * clients)
-            log(f"serve: {clients} concurrent client(s), {total} requests each way ...")
-            for name, base in bases.items():
-                measured[name][clients] = asyncio.run(_load(base, data, clients, total))
+            # Each turn keeps at least two requests per client, so that it measures a steady stream, not a ramp.
+            n = max(1, min(rounds, total // (2 * clients)))
+            log(f"serve: {clients} concurrent client(s), {total} requests each way, in {n} turn(s) each ...")
+            turns: dict[str, list] = {name: [] for name in bases}
+            for turn in range(n):
+                share = total // n + (turn < total % n)
+                for name in (list(bases) if turn % 2 == 0 else list(bases)[::-1]):
+                    turns[name].append(asyncio.run(_load(bases[name], data, clients, share)))
+            for name, parts in turns.items():
+                seconds = sum(len(lat) / rate for rate, lat in parts)
+                latencies = [x for _, lat in parts for x in lat]
+                measured[name][clients] = (len(latencies) / seconds, latencies)
     return _serve_rows(measured, device, levels)
 
 
@@ -241,8 +265,8 @@ def serving(array: np.ndarray, paths: list[str], args: argparse.Namespace, work:
     rows = []
     for engine in engines:
         log(f"predict: {len(files)} JPEG files through `predict`'s path vs the {engine} scorer alone, {device} ...")
-        rows.append(predict_speed(run_dir, files, engine, device, args.predict_batch))
-        log(f"measured: {rows[-1]}")
+        rows += predict_speed(run_dir, files, engine, device, args.predict_batch)
+        log(f"measured: {rows[-2:]}")
     log(f"model alone: a batch of {max(SERVE_LEVELS)} against one image per forward pass, {device} ...")
     rows.append(batching_ceiling(run_dir, np.asarray(array[:max(SERVE_LEVELS)]), device))
     with open(paths[0], "rb") as image:

@@ -122,9 +122,16 @@ def _texture(pixels: np.ndarray) -> np.ndarray:
     # The mean of the three channels as two adds (the same floats as .mean(axis=3)): a reduction over an axis
     # of 3 took 3 ms an image, a quarter of predict's time per image on a GPU.
     grey = (pixels[..., 0].astype(np.float32) + pixels[..., 1] + pixels[..., 2]) / 3 / 255
-    laplacian = np.abs(4 * grey[:, 1:-1, 1:-1] - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1]
-                       - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:]).reshape(len(pixels), -1)
-    counts = np.stack([np.histogram(row, bins=_TEXTURE_BINS)[0] for row in laplacian])
+    # The Laplacian in place, in the order of 4c - up - down - left - right (the same floats as one expression).
+    laplacian = 4 * grey[:, 1:-1, 1:-1]
+    for neighbour in (grey[:, :-2, 1:-1], grey[:, 2:, 1:-1], grey[:, 1:-1, :-2], grey[:, 1:-1, 2:]):
+        laplacian -= neighbour
+    laplacian = np.abs(laplacian, out=laplacian).reshape(len(pixels), -1)
+    # np.histogram's counts (bins [a, b), every value below the last edge) from counts at or above each edge:
+    # with uneven edges np.histogram sorts every image's values, which took 1 ms an image, nine tenths of
+    # describing an answer.
+    at_or_above = np.stack([np.count_nonzero(laplacian >= edge, axis=1) for edge in _TEXTURE_BINS[:-1]], axis=1)
+    counts = at_or_above - np.pad(at_or_above[:, 1:], ((0, 0), (0, 1)))
     return np.sqrt(counts / max(laplacian.shape[1], 1)).astype(np.float32)
 
 
