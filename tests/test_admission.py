@@ -68,3 +68,25 @@ def test_on_idle_is_called_only_when_the_last_request_leaves():
         return idle
 
     assert asyncio.run(scenario()) == [(0, 0), (0, 0)]  # once after the burst of four, once after the single one
+
+
+def test_on_idle_waits_for_a_quiet_moment_and_for_the_rest_of_the_server():
+    """With idle_after_s, back-to-back requests never call it, and it waits while idle_also() says no."""
+    async def scenario():
+        calls, scoring = [], {"busy": True}
+        gate = Admission(limit=1, queue=1, on_idle=lambda: calls.append("idle"), idle_after_s=0.2,
+                         idle_also=lambda: not scoring["busy"])
+        for _ in range(5):  # each request arrives as the one before leaves: the pending call is called off
+            async with gate.slot():
+                pass
+        seen = [list(calls)]
+        await asyncio.sleep(0.5)  # quiet, but the rest of the server is still busy: asked again later
+        seen.append(list(calls))
+        scoring["busy"] = False
+        await asyncio.sleep(0.5)
+        seen.append(list(calls))
+        await asyncio.sleep(0.5)  # once per quiet moment, not again and again
+        seen.append(list(calls))
+        return seen
+
+    assert asyncio.run(scenario()) == [[], [], ["idle"], ["idle"]]

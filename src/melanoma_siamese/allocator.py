@@ -1,7 +1,8 @@
 """How the process's memory allocator (glibc's) keeps or returns freed memory, per command. No torch.
 
-Training keeps freed memory (its large batch tensors come back every step); the server returns it, so its
-memory falls back after a burst of large uploads. Explicit MALLOC_* variables in the environment win.
+Training keeps freed memory (its large batch tensors come back every step). The server keeps glibc's own
+policy while it works and hands freed memory back once it falls idle, so its memory falls back after a burst
+of large uploads. Explicit MALLOC_* variables in the environment win.
 """
 from __future__ import annotations
 
@@ -29,17 +30,6 @@ def _mallopt(settings: dict[int, int]) -> None:
         libc.mallopt(option, value)
 
 
-def return_freed_memory() -> None:
-    """Serve every allocation over 4 MB from its own pages and give them back when freed.
-
-    glibc raises its mmap threshold after each large free, so once a 186 MB decoded image (Pillow allocates
-    it in 16 MB blocks) has been freed, the next ones come from the heap and stay in the process: a server
-    kept 380 MB after a burst of 62-megapixel uploads. A fixed threshold turns that adjustment off.
-    """
-    m_mmap_threshold = -3
-    _mallopt({m_mmap_threshold: 4 * 1024 * 1024})
-
-
 def keep_freed_memory() -> None:
     """Have glibc keep freed memory in the process, as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... would.
 
@@ -53,9 +43,14 @@ def keep_freed_memory() -> None:
 
 
 def trim_freed_memory() -> None:
-    """Give the heap's free pages back to the system (malloc_trim). What the mmap threshold of
-    return_freed_memory misses: smaller blocks freed in the middle of the heap after a burst of uploads, a
-    few hundred MB that otherwise stay in the process. The server calls it when it falls idle."""
+    """Give the heap's free pages back to the system (malloc_trim), those in the middle of the heap too.
+
+    The server calls it once it has been idle for a moment: after a burst of 62-megapixel uploads (186 MB
+    each decoded) glibc raises its mmap threshold and keeps the next ones' freed memory in the heap, a few
+    hundred MB. Not after every request: a fixed 4 MB mmap threshold, which also returned that memory, made
+    every forward pass of more than 4 MB of activations write fresh pages, and this VM is slow at that:
+    the server answered 9-11 requests/s one at a time where glibc's own policy gives 18 (ResNet-18 at
+    256 px, 2-core CPU)."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

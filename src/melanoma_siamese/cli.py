@@ -12,7 +12,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Collection, Optional, Sequence
 
-from .allocator import keep_freed_memory, return_freed_memory
+from .allocator import keep_freed_memory
 from .config import Config
 from .errors import CheckpointError, ConfigError, DataError, Interrupted, WeightsError
 # PACKAGED_CONFIGS is re-exported: callers and tests have long imported it, with config_path, from here.
@@ -226,10 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser(named_command(argv)).parse_args(argv)
     if args.command in TRAINING_COMMANDS:
         # Right for training's large, repeated batch tensors; wrong for a server, whose memory must fall
-        # back after a burst, and pointless for the rest.
+        # back after a burst (it hands freed memory back when idle: serve.IDLE_TRIM_S), and pointless for the rest.
         keep_freed_memory()
-    elif args.command == "serve":
-        return_freed_memory()
     try:
         return args.handler(args)
     except Interrupted as exc:

@@ -39,6 +39,7 @@ DEFAULT_QUEUE = 64
 DEFAULT_MAX_BATCH = 32
 DEFAULT_BATCH_WAIT_MS = 5.0
 MAX_NEIGHBOURS = 50
+IDLE_TRIM_S = 1.0
 
 
 class Service:
@@ -249,9 +250,11 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
 
     options = options or {}
     service = Service(load_run(run_dir, device), max_pixels, options.get("prevalence"))
-    # Idle: freed decode buffers go back to the system, so memory falls back after a burst of large uploads.
+    # Idle for a while (nothing decoding, queued or being scored): freed memory goes back to the system, so the
+    # process falls back after a burst of large uploads. Not between back-to-back requests: memory handed back
+    # is slow to write again on a virtual machine, and every forward pass would pay for it.
     gate = Admission(options.get("workers", DEFAULT_WORKERS), options.get("queue", DEFAULT_QUEUE),
-                     on_idle=trim_freed_memory)
+                     on_idle=trim_freed_memory, idle_after_s=IDLE_TRIM_S, idle_also=lambda: not batcher.busy)
     batcher = MicroBatcher(service.answers, options.get("max_batch", DEFAULT_MAX_BATCH),
                            options.get("batch_wait_ms", DEFAULT_BATCH_WAIT_MS) / 1000, gate.queue + gate.limit,
                            expecting=lambda: gate.working + gate.waiting, retry_after=gate.retry_after)
