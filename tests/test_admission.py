@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from melanoma_siamese.admission import Admission, Busy
+from melanoma_siamese.admission import Admission, Busy, Quiet
 
 
 def test_admission_bounds_work_and_refuses_beyond_the_queue():
@@ -48,45 +48,30 @@ def test_admission_releases_its_slot_when_the_work_fails():
     assert asyncio.run(scenario()) == 1
 
 
-def test_on_idle_is_called_only_when_the_last_request_leaves():
+def test_quiet_acts_once_the_server_has_had_no_request_for_a_while():
+    """Back-to-back and overlapping requests never call it; a quiet spell calls it once."""
     async def scenario():
-        idle = []
-        gate = Admission(limit=2, queue=2, on_idle=lambda: idle.append((gate.working, gate.waiting)))
+        calls = []
+        quiet = Quiet(lambda: calls.append(quiet.active), after_s=0.2)
         release = asyncio.Event()
 
-        async def request():
-            async with gate.slot():
+        async def slow():
+            async with quiet.request():
                 await release.wait()
 
-        tasks = [asyncio.create_task(request()) for _ in range(4)]
-        for _ in range(5):
-            await asyncio.sleep(0)
-        release.set()
-        await asyncio.gather(*tasks)
-        async with gate.slot():
-            pass
-        return idle
-
-    assert asyncio.run(scenario()) == [(0, 0), (0, 0)]  # once after the burst of four, once after the single one
-
-
-def test_on_idle_waits_for_a_quiet_moment_and_for_the_rest_of_the_server():
-    """With idle_after_s, back-to-back requests never call it, and it waits while idle_also() says no."""
-    async def scenario():
-        calls, scoring = [], {"busy": True}
-        gate = Admission(limit=1, queue=1, on_idle=lambda: calls.append("idle"), idle_after_s=0.2,
-                         idle_also=lambda: not scoring["busy"])
         for _ in range(5):  # each request arrives as the one before leaves: the pending call is called off
-            async with gate.slot():
+            async with quiet.request():
                 pass
         seen = [list(calls)]
-        await asyncio.sleep(0.5)  # quiet, but the rest of the server is still busy: asked again later
-        seen.append(list(calls))
-        scoring["busy"] = False
+        task = asyncio.create_task(slow())  # a long request (a Grad-CAM map, a big batch) keeps it off
         await asyncio.sleep(0.5)
         seen.append(list(calls))
-        await asyncio.sleep(0.5)  # once per quiet moment, not again and again
+        release.set()
+        await task
+        await asyncio.sleep(0.5)
+        seen.append(list(calls))
+        await asyncio.sleep(0.5)  # once per quiet spell, not again and again
         seen.append(list(calls))
         return seen
 
-    assert asyncio.run(scenario()) == [[], [], ["idle"], ["idle"]]
+    assert asyncio.run(scenario()) == [[], [], [0], [0]]

@@ -20,19 +20,13 @@ class Busy(Exception):
 
 
 class Admission:
-    def __init__(self, limit: int, queue: int, retry_after: int = 2, on_idle: Optional[Callable[[], None]] = None,
-                 idle_after_s: float = 0.0, idle_also: Callable[[], bool] = lambda: True):
-        """`on_idle`: called once no request has been in work or waiting for `idle_after_s` seconds and
-        `idle_also()` holds (asked again every `idle_after_s` while it does not); at once when `idle_after_s`
-        is 0. A request that arrives in the meantime calls it off."""
-        if limit < 1 or queue < 0 or idle_after_s < 0:
-            raise ValueError("limit must be at least 1, queue and idle_after_s at least 0")
-        self.limit, self.queue, self.retry_after, self.on_idle = limit, queue, retry_after, on_idle
-        self.idle_after_s, self.idle_also = idle_after_s, idle_also
+    def __init__(self, limit: int, queue: int, retry_after: int = 2):
+        if limit < 1 or queue < 0:
+            raise ValueError("limit must be at least 1 and queue at least 0")
+        self.limit, self.queue, self.retry_after = limit, queue, retry_after
         self.waiting = 0
         self.working = 0
         self._semaphore: asyncio.Semaphore | None = None
-        self._idle_timer: Optional[asyncio.TimerHandle] = None
 
     @property
     def semaphore(self) -> asyncio.Semaphore:
@@ -45,9 +39,6 @@ class Admission:
     async def slot(self) -> AsyncIterator[None]:
         if self.working >= self.limit and self.waiting >= self.queue:
             raise Busy(self.retry_after)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
         self.waiting += 1
         try:
             await self.semaphore.acquire()
@@ -59,23 +50,36 @@ class Admission:
         finally:
             self.working -= 1
             self.semaphore.release()
-            if self.on_idle is not None and self.working == 0 and self.waiting == 0:
-                self._idle_soon()
-
-    def _idle_soon(self) -> None:
-        if self.idle_after_s == 0:
-            self.on_idle()
-            return
-        self._idle_timer = asyncio.get_running_loop().call_later(self.idle_after_s, self._idle_now)
-
-    def _idle_now(self) -> None:
-        self._idle_timer = None
-        if self.working or self.waiting:
-            return
-        if self.idle_also():
-            self.on_idle()
-        else:
-            self._idle_soon()
 
     def state(self) -> dict:
         return {"working": self.working, "waiting": self.waiting, "limit": self.limit, "queue": self.queue}
+
+
+class Quiet:
+    """Calls `action` once no request has been in the server (from its upload read to its answer) for
+    `after_s` seconds; a request that arrives in the meantime calls it off. Once per quiet spell."""
+
+    def __init__(self, action: Callable[[], None], after_s: float):
+        if after_s < 0:
+            raise ValueError("after_s must be at least 0")
+        self.action, self.after_s = action, after_s
+        self.active = 0
+        self._timer: Optional[asyncio.TimerHandle] = None
+
+    @contextlib.asynccontextmanager
+    async def request(self) -> AsyncIterator[None]:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            if self.active == 0:
+                self._timer = asyncio.get_running_loop().call_later(self.after_s, self._quiet)
+
+    def _quiet(self) -> None:
+        self._timer = None
+        if self.active == 0:
+            self.action()

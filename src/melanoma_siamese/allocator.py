@@ -48,9 +48,9 @@ def trim_freed_memory() -> None:
     The server calls it once it has been idle for a moment: after a burst of 62-megapixel uploads (186 MB
     each decoded) glibc raises its mmap threshold and keeps the next ones' freed memory in the heap, a few
     hundred MB. Not after every request: a fixed 4 MB mmap threshold, which also returned that memory, made
-    every forward pass of more than 4 MB of activations write fresh pages, and this VM is slow at that:
-    the server answered 9-11 requests/s one at a time where glibc's own policy gives 18 (ResNet-18 at
-    256 px, 2-core CPU)."""
+    every forward pass with more than 4 MB of activations write fresh pages, slow on a virtual machine: a
+    lone client's request took 142-156 ms against 106-133 ms with glibc's own policy (median of 10 back to
+    back; ResNet-18 at 256 px, 2-core CPU)."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

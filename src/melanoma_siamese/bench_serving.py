@@ -90,7 +90,8 @@ def predict_speed(run_dir: Path, paths: Sequence[str], engine: str, device: str,
     pixels = np.stack([p for chunk in decoded_chunks(list(map(Path, paths)), batch, size, 10**9)
                        for p, _ in chunk[1]])
     sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
-    made = predictor.score(pixels[:batch])  # warm-up of the model; real answers for the model-free side
+    # The first calls pay one-time costs (allocations, thread pools); their answers serve the model-free side.
+    made = predictor.score(pixels[:batch])
     model_free = copy.copy(predictor)
     model_free.score = lambda images: tuple(np.resize(part, (len(images), *part.shape[1:])) for part in made)
 
@@ -105,7 +106,7 @@ def predict_speed(run_dir: Path, paths: Sequence[str], engine: str, device: str,
             assert all(r["status"] == "ok" for r in rows), "a generated image failed to decode"
         return predict
 
-    predict_paths(predictor, [Path(p) for p in paths[:batch]], batch_size=batch)  # warm-up of predict
+    predict_paths(predictor, [Path(p) for p in paths[:batch]], batch_size=batch)
     times = alternating_seconds({"model": model_only, "predict": sides(predictor), "free": sides(model_free)},
                                 repeats)
     ours, model, free = (repeats * len(paths) / times[k] for k in ("predict", "model", "free"))
@@ -204,7 +205,7 @@ def serve_speed(run_dir: Path, data: bytes, work: Path, device: str, requests: i
                 levels: Sequence[int] = SERVE_LEVELS, rounds: int = 4) -> list[Row]:
     """Both servers up side by side (batched, and one request per forward pass); at each level of concurrency
     they take turns, up to `rounds` each (one first, then the other first), so that what drifts on the machine
-    during a level falls on both alike."""
+    during a level falls on both alike. Each turn starts with one untimed request per client."""
     measured: dict[str, dict[int, tuple[float, list[float]]]] = {"batched": {}, "single": {}}
     with serve_process(run_dir, work / "serve-batched.log", "--device", device, "--max-batch", "32") as batched, \
             serve_process(run_dir, work / "serve-single.log", "--device", device, "--max-batch", "1") as single:
@@ -213,13 +214,16 @@ def serve_speed(run_dir: Path, data: bytes, work: Path, device: str, requests: i
             asyncio.run(_load(base, data, max(levels), 2 * max(levels)))
         for clients in levels:
             total = max(requests, 2 * clients)
-            # Each turn keeps at least two requests per client, so that it measures a steady stream, not a ramp.
-            n = max(1, min(rounds, total // (2 * clients)))
+            # At least four requests per client a turn, so that a turn is mostly a steady stream, not its ramp.
+            n = max(1, min(rounds, total // (4 * clients)))
             log(f"serve: {clients} concurrent client(s), {total} requests each way, in {n} turn(s) each ...")
             turns: dict[str, list] = {name: [] for name in bases}
             for turn in range(n):
                 share = total // n + (turn < total % n)
                 for name in (list(bases) if turn % 2 == 0 else list(bases)[::-1]):
+                    # Untimed: a server that sat out the other's turn has handed its freed memory back
+                    # (serve.IDLE_TRIM_S), and a server under steady load does not pay that again.
+                    asyncio.run(_load(bases[name], data, clients, clients))
                     turns[name].append(asyncio.run(_load(bases[name], data, clients, share)))
             for name, parts in turns.items():
                 seconds = sum(len(lat) / rate for rate, lat in parts)

@@ -36,7 +36,6 @@ class MicroBatcher:
         self.score, self.max_batch, self.wait_s, self.pending = score, max_batch, wait_s, pending
         self.expecting, self.retry_after = expecting, retry_after
         self.batches = 0  # forward passes made (the bench and the tests read it)
-        self.scoring = 0  # images in the forward pass under way
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._queue: Optional[asyncio.Queue] = None
         self._consumer: Optional[asyncio.Task] = None
@@ -44,11 +43,6 @@ class MicroBatcher:
     @property
     def waiting(self) -> int:
         return 0 if self._queue is None else self._queue.qsize()
-
-    @property
-    def busy(self) -> bool:
-        """Images queued or being scored."""
-        return self.waiting > 0 or self.scoring > 0
 
     async def submit(self, pixels: np.ndarray) -> Any:
         """The answer for one S x S x 3 image, scored with whatever else is queued."""
@@ -85,7 +79,6 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
-            self.scoring = len(batch)
             try:
                 answers = await loop.run_in_executor(None, self.score, np.stack([i.pixels for i in batch]))
             except Exception as exc:  # every request of the batch gets the error, the consumer goes on
@@ -95,7 +88,6 @@ class MicroBatcher:
                 continue
             finally:
                 self.batches += 1
-                self.scoring = 0
             for item, answer in zip(batch, answers):
                 if not item.future.done():  # a client that went away cancelled its future
                     item.future.set_result(answer)

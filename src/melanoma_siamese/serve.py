@@ -243,18 +243,18 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse
 
-    from .admission import Admission, Busy
+    from .admission import Admission, Busy, Quiet
     from .allocator import trim_freed_memory
     from .inference import load_run
     from .microbatch import MicroBatcher
 
     options = options or {}
     service = Service(load_run(run_dir, device), max_pixels, options.get("prevalence"))
-    # Idle for a while (nothing decoding, queued or being scored): freed memory goes back to the system, so the
-    # process falls back after a burst of large uploads. Not between back-to-back requests: memory handed back
-    # is slow to write again on a virtual machine, and every forward pass would pay for it.
-    gate = Admission(options.get("workers", DEFAULT_WORKERS), options.get("queue", DEFAULT_QUEUE),
-                     on_idle=trim_freed_memory, idle_after_s=IDLE_TRIM_S, idle_also=lambda: not batcher.busy)
+    gate = Admission(options.get("workers", DEFAULT_WORKERS), options.get("queue", DEFAULT_QUEUE))
+    # Freed memory goes back to the system once no request has been in the server for a moment, so the process
+    # falls back after a burst of large uploads; not between back-to-back requests, because memory handed back
+    # is slow to write again on a virtual machine and every forward pass would pay for it.
+    quiet = Quiet(trim_freed_memory, IDLE_TRIM_S)
     batcher = MicroBatcher(service.answers, options.get("max_batch", DEFAULT_MAX_BATCH),
                            options.get("batch_wait_ms", DEFAULT_BATCH_WAIT_MS) / 1000, gate.queue + gate.limit,
                            expecting=lambda: gate.working + gate.waiting, retry_after=gate.retry_after)
@@ -287,7 +287,7 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         return {**service.health(), "max_upload_mb": max_upload_bytes / 1024 / 1024,
                 "busy": {**gate.state(), **batcher.state()}}
 
-    _prediction_route(app, service, (gate, batcher), max_upload_bytes, (schemas.Prediction, errors))
+    _prediction_route(app, service, (gate, batcher, quiet), max_upload_bytes, (schemas.Prediction, errors))
     _thumbnail_route(app, service, errors)
     from .serve_patient import patient_route
 
@@ -296,7 +296,8 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
 
 
 def _prediction_route(app, service: Service, bounds: tuple, max_upload_bytes: int, models: tuple) -> None:
-    """POST /api/predict. `bounds`: (admission.Admission over decoding, microbatch.MicroBatcher over scoring)."""
+    """POST /api/predict. `bounds`: (admission.Admission over decoding, microbatch.MicroBatcher over scoring,
+    admission.Quiet over the whole request)."""
     from fastapi import File, HTTPException, Query, UploadFile
     from fastapi.concurrency import run_in_threadpool
 
@@ -304,7 +305,7 @@ def _prediction_route(app, service: Service, bounds: tuple, max_upload_bytes: in
     from .uploads import read_upload
 
     prediction, errors = models
-    gate, batcher = bounds
+    gate, batcher, quiet = bounds
 
     @app.post("/api/predict", response_model=prediction, responses=errors)
     async def predict(file: UploadFile = File(..., description="one image (JPEG, PNG, ...)"),
@@ -312,16 +313,17 @@ def _prediction_route(app, service: Service, bounds: tuple, max_upload_bytes: in
                       neighbours: int = Query(DEFAULT_NEIGHBOURS, ge=1, le=MAX_NEIGHBOURS)) -> dict:
         if not _filename_is_safe(file.filename):
             raise HTTPException(400, "file name with a path in it; send the bare file name")
-        data = await read_upload(file, max_upload_bytes)
-        # Decoding (the memory a huge upload takes) is bounded by the gate; the small decoded image then joins
-        # the batch being formed, and Grad-CAM, when asked, runs for this image alone.
-        async with gate.slot():
-            try:
-                pixels = await run_in_threadpool(service.decode, data)
-            except ImageRejected as exc:
-                raise HTTPException(exc.status, str(exc)) from exc
-        answer = await batcher.submit(pixels)
-        return await run_in_threadpool(service.finish, answer, pixels, saliency, neighbours)
+        async with quiet.request():
+            data = await read_upload(file, max_upload_bytes)
+            # Decoding (the memory a huge upload takes) is bounded by the gate; the small decoded image then joins
+            # the batch being formed, and Grad-CAM, when asked, runs for this image alone.
+            async with gate.slot():
+                try:
+                    pixels = await run_in_threadpool(service.decode, data)
+                except ImageRejected as exc:
+                    raise HTTPException(exc.status, str(exc)) from exc
+            answer = await batcher.submit(pixels)
+            return await run_in_threadpool(service.finish, answer, pixels, saliency, neighbours)
 
 
 def _thumbnail_route(app, service: Service, errors: dict) -> None:
