@@ -197,6 +197,8 @@ def test_noise_is_flagged_unfamiliar_and_tiny_or_flat_images_are_refused(run, tm
             predict_paths(Predictor(run), [tmp_path / n for n in ("noise.png", "dot.png", "grey.png")])}
     assert rows["noise.png"]["status"] == "ok" and rows["noise.png"]["unfamiliar"]
     assert rows["noise.png"]["unfamiliar_percentile"] == 100
+    # Each rule's own share is given: the texture's too, not only the embedding's.
+    assert 0 <= rows["noise.png"]["unfamiliar_texture_percentile"] <= 100
     assert rows["dot.png"]["status"] == "failed" and "at least 32 pixels" in rows["dot.png"]["reason"]
     assert rows["grey.png"]["status"] == "failed" and "flat colour" in rows["grey.png"]["reason"]
 
@@ -220,3 +222,20 @@ def test_terminal_probability_shows_which_side_of_the_threshold_it_is():
     assert _beside(0.278812, 0.278834) == "0.27881"  # 0.2788 beside a 0.2788 threshold would hide the order
     assert _beside(0.2, 0.2) == "0.2000"
     assert _beside(0.3 - 1e-12, 0.3).endswith("-") and _beside(0.3 + 1e-12, 0.3).endswith("+")
+
+
+def test_terminal_shows_a_low_threshold_and_the_votes_decision_legibly(run, tiny_data, capsys):
+    """At a low prevalence the threshold has more than four decimals; a kNN vote at its threshold is a 'mel'."""
+    from melanoma_siamese.predict import _header, _terminal_table
+
+    predictor = Predictor(run, prevalence=0.001)
+    rows = predict_paths(predictor, image_files(tiny_data)[:6], neighbours=2)
+    header = "\n".join(_header(predictor))
+    threshold = predictor.threshold
+    assert threshold < 0.01 and f"Threshold on that scale: {threshold:.4g} " in header
+    assert float(f"{threshold:.4g}") == pytest.approx(threshold, rel=1e-3)  # four significant digits, not 0.0013
+    table = _terminal_table(rows, 2).splitlines()[1:]
+    for row, line in zip(rows, table):
+        assert f" {row['knn_decision'][:3]} " in line
+    at_threshold = dict(rows[0], knn_probability=run.thresholds.knn, knn_decision="melanoma")
+    assert f"{run.thresholds.knn:.4f} mel" in _terminal_table([at_threshold], 2)

@@ -63,7 +63,14 @@ def test_predict_answers_as_the_cli_does_with_thumbnails_and_saliency(client, ru
     expected = predict_paths(Predictor(run), [path])[0]
     assert body["probability"] == pytest.approx(expected["probability"], abs=1e-6)
     assert body["decision"] == expected["decision"] and body["threshold"] == expected["threshold"]
+    # The health check's threshold is on the same scale as an answer's (it was the raw score's, unlabelled).
+    health = client.get("/api/health").json()
+    assert health["threshold"] == pytest.approx(body["threshold"]) and health["score_threshold"] == pytest.approx(
+        body["score_threshold"])
     assert body["knn_probability"] == pytest.approx(expected["knn_probability"], abs=1e-6)
+    u = body["unfamiliar"]  # which rule flagged, and each rule's own share, as predict's CSV gives them
+    assert u["appearance_percentile"] == pytest.approx(expected["unfamiliar_texture_percentile"])
+    assert u["flag"] == (u["embedding_flag"] or u["appearance_flag"])
     assert [s["id"] for s in body["similar"]] == [expected[f"neighbour_{n}_id"] for n in range(1, 6)]
     assert body["saliency_png"].startswith("data:image/png;base64,")
     assert "not a diagnosis" in body["note"]
@@ -107,7 +114,7 @@ def test_upload_size_limit_default_20_mb_gives_413(client):
     just_over = upload(client, b"\0" * (20 * MB + 10))  # passes the body limit, fails the file limit
     assert just_over.status_code == 413 and "upload limit" in just_over.json()["detail"]
     far_over = upload(client, b"\0" * (21 * MB))  # refused from Content-Length before parsing
-    assert far_over.status_code == 413
+    assert far_over.status_code == 413 and "at most 20 MB (--max-upload-mb)" in far_over.json()["detail"]
 
     def chunks():
         for _ in range(22):

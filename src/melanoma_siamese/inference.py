@@ -315,7 +315,7 @@ def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray, pixels: np.ndarra
     rule = run.familiarity
     if rule is None:
         return [{"flag": False, "distance": None, "percentile": None, "cut": None, "embedding_flag": False,
-                 "appearance_flag": False,
+                 "appearance_flag": False, "appearance_percentile": None,
                  "reason": "this run has no validation images in its index to judge familiarity"}] * len(embeddings)
     found, looks, flags = unfamiliar_flags(run, embeddings, appearance_features(pixels))
     out = []
@@ -328,9 +328,11 @@ def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray, pixels: np.ndarra
         if looks["unfamiliar"][i]:
             reasons.append(f"its texture is unlike the training images' (farther than {looks['percentile'][i]:.0f}% "
                            "of validation images)")
+        texture = looks["percentile"][i]
         out.append({"flag": bool(flags[i]), "distance": float(distance), "percentile": float(percentile),
                     "cut": float(rule.cut), "embedding_flag": bool(found["unfamiliar"][i]),
                     "appearance_flag": bool(looks["unfamiliar"][i]),
+                    "appearance_percentile": None if texture is None else float(texture),
                     "reason": ("In the model's terms, " + "; and ".join(reasons) + ".") if reasons else ""})
     return out
 
@@ -382,7 +384,8 @@ def flat_row(path: Path, result: Optional[dict], reason: str = "", saliency: str
         by = [name for name, flagged in (("embedding", u["embedding_flag"]), ("texture", u["appearance_flag"]))
               if flagged]
         row.update({"unfamiliar": u["flag"], "unfamiliar_by": "+".join(by), "unfamiliar_distance": u["distance"],
-                    "unfamiliar_percentile": u["percentile"]})
+                    "unfamiliar_percentile": u["percentile"],
+                    "unfamiliar_texture_percentile": u.get("appearance_percentile")})
         row.update({k: result[k] for k in ("knn_probability", "knn_decision", "knn_threshold",
                                            "trained_on_generated_images")})
         for n, s in enumerate(result["similar"], 1):

@@ -107,7 +107,8 @@ def read_image(source: str | Path | bytes, size: int, max_pixels: int = DEFAULT_
         # The flatness check on the decoded image at the model's size: what the model would be shown.
         problems = image_problems(pixels, min_side=1, min_std=checks.min_std)
         if problems:
-            raise ImageRejected(problems[0], 422)
+            # Said of the resized image: fine noise or texture in a large photo can average out to one colour.
+            raise ImageRejected(f"resized to the model's {size}x{size} pixels, {problems[0]}", 422)
     return pixels
 
 

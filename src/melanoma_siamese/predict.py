@@ -24,12 +24,12 @@ def _beside(p: float, threshold: float) -> str:
 
 
 def _terminal_table(rows: list[dict], neighbours: int) -> str:
-    lines = [f"{'path':<40} {'P(melanoma)':>11}  {'decision':<12} {'familiar?':<30} {'kNN vote':>8}  "
+    lines = [f"{'path':<40} {'P(melanoma)':>11}  {'decision':<12} {'familiar?':<30} {'kNN vote':>12}  "
              "nearest training images (id label distance)"]
     for r in rows:
         path = r["path"] if len(r["path"]) <= 40 else "..." + r["path"][-37:]
         if r["status"] != "ok":
-            lines.append(f"{path:<40} {'-':>11}  {'FAILED':<12} {'-':<30} {'-':>8}  {r['reason']}")
+            lines.append(f"{path:<40} {'-':>11}  {'FAILED':<12} {'-':<30} {'-':>12}  {r['reason']}")
             continue
         near = ", ".join(f"{r[f'neighbour_{n}_id']} {'mel' if r[f'neighbour_{n}_label'] else 'ben'} "
                          f"{r[f'neighbour_{n}_distance']:.3f}" for n in range(1, neighbours + 1)
@@ -37,7 +37,9 @@ def _terminal_table(rows: list[dict], neighbours: int) -> str:
         familiar = ("-" if r["unfamiliar_percentile"] is None else f"UNFAMILIAR ({r['unfamiliar_by']})"
                     if r["unfamiliar"] else f"yes (pct {r['unfamiliar_percentile']:.0f})")
         shown = _beside(r["probability"], r["threshold"])
-        lines.append(f"{path:<40} {shown:>11}  {r['decision']:<12} {familiar:<30} {r['knn_probability']:>8.3f}  {near}")
+        # The vote's own decision beside it: a vote equal to its threshold at three decimals is a "melanoma".
+        vote = f"{_beside(r['knn_probability'], r['knn_threshold'])} {r['knn_decision'][:3]}"
+        lines.append(f"{path:<40} {shown:>11}  {r['decision']:<12} {familiar:<30} {vote:>12}  {near}")
     return "\n".join(lines)
 
 
@@ -54,8 +56,11 @@ def _header(predictor) -> list[str]:
     else:
         lines.append("P(melanoma): the classifier's raw score (this run has no calibration; `evaluate --run RUN` "
                      "fits one): a score, not a risk.")
-    lines.append(f"Threshold on that scale: {predictor.threshold:.4f} ({run.thresholds.source}); kNN vote of "
-                 f"k={run.config.evaluation.knn_k} training images, threshold {run.thresholds.knn:.4f}.")
+    # Significant digits, not decimals: at a low prevalence the threshold is 0.001314, and "0.0013" beside a
+    # probability of 0.00130 called "not melanoma" would read as a contradiction.
+    lines.append(f"Threshold on that scale: {predictor.threshold:.4g} ({run.thresholds.source}); kNN vote: the "
+                 f"share of melanoma among the k={run.config.evaluation.knn_k} most similar training images (not "
+                 f"calibrated, not moved to the prevalence), threshold {run.thresholds.knn:.4g}, its decision beside it.")
     rule = run.familiarity
     if rule is not None:
         lines.append(f"Unfamiliar: mean distance to the {rule.k} nearest training images above {rule.cut:.4f} (the "

@@ -106,7 +106,10 @@ class Service:
         run = self.run
         return {"status": "ok", "run": run.path.name, "backbone": run.encoder.args["backbone"],
                 "models": int(run.encoder.args.get("members", 1)),  # K for a K-fold ensemble
-                "image_size": run.config.data.image_size, "threshold": run.thresholds.classifier,
+                # On the scale of the probability the answers show (calibrated, at `prevalence`), as in an answer;
+                # score_threshold is the same cut on the classifier's raw score.
+                "image_size": run.config.data.image_size, "threshold": self.predictor.threshold,
+                "score_threshold": run.thresholds.classifier,
                 "threshold_source": run.thresholds.source, "knn_threshold": run.thresholds.knn,
                 "index_size": int(len(run.index.ids)), "images_available": len(self.known),
                 "train_melanoma_fraction": run.train_prevalence, "prevalence": self.predictor.prevalence,
@@ -133,13 +136,19 @@ class BodyLimit:
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
+    def message(self) -> str:
+        # In the unit of --max-upload-mb: a byte count that includes the form's own headroom reads as a wrong limit.
+        upload = (self.limit - MULTIPART_OVERHEAD) / 1024 / 1024
+        return (f"request body over the limit: an upload may be at most {upload:g} MB (--max-upload-mb), plus "
+                f"{MULTIPART_OVERHEAD // 1024} KB for the form around it ({self.limit} bytes in all)")
+
     async def __call__(self, scope, receive, send):
         from fastapi import HTTPException
         from fastapi.responses import JSONResponse
 
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = JSONResponse({"detail": f"request body over the limit of {self.limit} bytes"}, status_code=413)
+        too_large = JSONResponse({"detail": self.message()}, status_code=413)
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await too_large(scope, receive, send)
@@ -151,7 +160,7 @@ class BodyLimit:
             seen += len(message.get("body", b""))
             if seen > self.limit:
                 # FastAPI passes an HTTPException raised while reading the form through as this status.
-                raise HTTPException(413, f"request body over the limit of {self.limit} bytes")
+                raise HTTPException(413, self.message())
             return message
 
         await self.app(scope, counted, send)
@@ -175,10 +184,13 @@ def _schemas() -> SimpleNamespace:
         image_url: Optional[str]
 
     class Unfamiliar(BaseModel):
-        flag: bool
-        distance: Optional[float]
+        flag: bool  # by either rule
+        distance: Optional[float]  # distance, percentile and cut: the embedding's rule
         percentile: Optional[float]
         cut: Optional[float]
+        embedding_flag: bool
+        appearance_flag: bool  # the texture rule
+        appearance_percentile: Optional[float]  # share of validation images whose texture is as close or closer
         reason: str
 
     class Prediction(BaseModel):
@@ -215,7 +227,8 @@ def _run_schemas() -> dict:
         backbone: str
         models: int  # 1, or K for a K-fold ensemble averaged in every answer
         image_size: int
-        threshold: float
+        threshold: float  # on the scale of the probability the answers show
+        score_threshold: float  # the same cut on the classifier's raw score
         threshold_source: str
         knn_threshold: float
         index_size: int
