@@ -353,6 +353,7 @@ def test_browser_uploads_an_image_and_sees_the_apis_answer(app, tiny_data, tmp_p
             _upload_in_page(page, image, 2)  # the same file chosen again is scored again
             _upload_in_page(page, noise, 3)
             noise_warning = page.is_visible("#unfamiliar") and page.inner_text("#unfamiliar")
+            noise_familiarity = page.inner_text("#familiarity")
             page.screenshot(path=str(tmp_path / "unfamiliar.png"), full_page=True)
             real_warning = None
             if real is not None:  # a real dermoscopic photo, to a run trained on generated cartoons
@@ -383,6 +384,8 @@ def test_browser_uploads_an_image_and_sees_the_apis_answer(app, tiny_data, tmp_p
     assert all(s["id"] in c for s, c in zip(expected["similar"], captions))
     assert saliency > 0 and "8x8" in caption
     assert familiar_hidden == (not expected["unfamiliar"]["flag"])
+    # Each rule named with its own numbers, so a flag by texture is not shown beside the embedding's alone.
+    assert "in the model's embedding: " in noise_familiarity and "in texture: " in noise_familiarity
     assert expected_noise["unfamiliar"]["flag"]
     assert noise_warning and "unlike every image the model was trained on" in noise_warning
     assert answer_top < image_top  # on a phone the answer comes first
