@@ -100,14 +100,14 @@ def predict_speed(run_dir: Path, paths: Sequence[str], engine: str, device: str,
             predictor.score(pixels[start:start + batch])
         sync()
 
-    def sides(p) -> Callable[[], None]:
+    def predicting(p) -> Callable[[], None]:
         def predict() -> None:
             rows = predict_paths(p, [Path(f) for f in paths], batch_size=batch)
             assert all(r["status"] == "ok" for r in rows), "a generated image failed to decode"
         return predict
 
     predict_paths(predictor, [Path(p) for p in paths[:batch]], batch_size=batch)
-    times = alternating_seconds({"model": model_only, "predict": sides(predictor), "free": sides(model_free)},
+    times = alternating_seconds({"model": model_only, "predict": predicting(predictor), "free": predicting(model_free)},
                                 repeats)
     ours, model, free = (repeats * len(paths) / times[k] for k in ("predict", "model", "free"))
     where = "GPU" if run.device.type == "cuda" else "CPU"

@@ -325,10 +325,10 @@ def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray, pixels: np.ndarra
             reasons.append(f"its mean distance to the {rule.k} nearest training images, {distance:.4f}, is above "
                            f"the cut {rule.cut:.4f} (the {100 * rule.quantile:g}th percentile of validation "
                            f"images'; {percentile:.0f}% of them are this close or closer)")
-        if looks["unfamiliar"][i]:
-            reasons.append(f"its texture is unlike the training images' (farther than {looks['percentile'][i]:.0f}% "
-                           "of validation images)")
         texture = looks["percentile"][i]
+        if looks["unfamiliar"][i]:
+            reasons.append(f"its texture is unlike the training images' (farther than {texture:.0f}% "
+                           "of validation images)")
         out.append({"flag": bool(flags[i]), "distance": float(distance), "percentile": float(percentile),
                     "cut": float(rule.cut), "embedding_flag": bool(found["unfamiliar"][i]),
                     "appearance_flag": bool(looks["unfamiliar"][i]),
@@ -385,7 +385,7 @@ def flat_row(path: Path, result: Optional[dict], reason: str = "", saliency: str
               if flagged]
         row.update({"unfamiliar": u["flag"], "unfamiliar_by": "+".join(by), "unfamiliar_distance": u["distance"],
                     "unfamiliar_percentile": u["percentile"],
-                    "unfamiliar_texture_percentile": u.get("appearance_percentile")})
+                    "unfamiliar_texture_percentile": u["appearance_percentile"]})
         row.update({k: result[k] for k in ("knn_probability", "knn_decision", "knn_threshold",
                                            "trained_on_generated_images")})
         for n, s in enumerate(result["similar"], 1):
