@@ -236,6 +236,9 @@ def test_terminal_shows_a_low_threshold_and_the_votes_decision_legibly(run, tiny
     assert float(f"{threshold:.4g}") == pytest.approx(threshold, rel=1e-3)  # four significant digits, not 0.0013
     table = _terminal_table(rows, 2).splitlines()[1:]
     for row, line in zip(rows, table):
-        assert f" {row['knn_decision'][:3]} " in line
+        assert f" {row['knn_probability']:.3f} {'mel' if row['knn_decision'] == 'melanoma' else 'ben'} " in line
     at_threshold = dict(rows[0], knn_probability=run.thresholds.knn, knn_decision="melanoma")
-    assert f"{run.thresholds.knn:.4f} mel" in _terminal_table([at_threshold], 2)
+    assert f"{run.thresholds.knn:.3f} mel" in _terminal_table([at_threshold], 2)
+    header, first = _terminal_table(rows, 2).splitlines()[:2]  # the vote column stays under its heading
+    assert header.index("kNN vote") + len("kNN vote") == first.index(" mel ") + 4 or \
+        header.index("kNN vote") + len("kNN vote") == first.index(" ben ") + 4

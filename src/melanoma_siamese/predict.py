@@ -24,12 +24,12 @@ def _beside(p: float, threshold: float) -> str:
 
 
 def _terminal_table(rows: list[dict], neighbours: int) -> str:
-    lines = [f"{'path':<40} {'P(melanoma)':>11}  {'decision':<12} {'familiar?':<30} {'kNN vote':>12}  "
+    lines = [f"{'path':<40} {'P(melanoma)':>11}  {'decision':<12} {'familiar?':<30} {'kNN vote':>9}  "
              "nearest training images (id label distance)"]
     for r in rows:
         path = r["path"] if len(r["path"]) <= 40 else "..." + r["path"][-37:]
         if r["status"] != "ok":
-            lines.append(f"{path:<40} {'-':>11}  {'FAILED':<12} {'-':<30} {'-':>12}  {r['reason']}")
+            lines.append(f"{path:<40} {'-':>11}  {'FAILED':<12} {'-':<30} {'-':>9}  {r['reason']}")
             continue
         near = ", ".join(f"{r[f'neighbour_{n}_id']} {'mel' if r[f'neighbour_{n}_label'] else 'ben'} "
                          f"{r[f'neighbour_{n}_distance']:.3f}" for n in range(1, neighbours + 1)
@@ -37,9 +37,9 @@ def _terminal_table(rows: list[dict], neighbours: int) -> str:
         familiar = ("-" if r["unfamiliar_percentile"] is None else f"UNFAMILIAR ({r['unfamiliar_by']})"
                     if r["unfamiliar"] else f"yes (pct {r['unfamiliar_percentile']:.0f})")
         shown = _beside(r["probability"], r["threshold"])
-        # The vote's own decision beside it: a vote equal to its threshold at three decimals is a "melanoma".
-        vote = f"{_beside(r['knn_probability'], r['knn_threshold'])} {r['knn_decision'][:3]}"
-        lines.append(f"{path:<40} {shown:>11}  {r['decision']:<12} {familiar:<30} {vote:>12}  {near}")
+        # The vote's own decision beside it: a vote that reads as its threshold at three decimals may be either.
+        vote = f"{r['knn_probability']:.3f} {'mel' if r['knn_decision'] == 'melanoma' else 'ben'}"
+        lines.append(f"{path:<40} {shown:>11}  {r['decision']:<12} {familiar:<30} {vote:>9}  {near}")
     return "\n".join(lines)
 
 
