@@ -218,15 +218,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAINING_COMMANDS = ("train", "demo", "compare", "bench")
+# The commands that run a model: their large tensors come back every batch.
+MODEL_COMMANDS = ("train", "demo", "compare", "bench", "evaluate", "predict", "pair", "export", "serve")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(named_command(argv)).parse_args(argv)
-    if args.command in TRAINING_COMMANDS:
-        # Right for training's large, repeated batch tensors; wrong for a server, whose memory must fall
-        # back after a burst (it hands freed memory back when idle: serve.IDLE_TRIM_S), and pointless for the rest.
+    if args.command in MODEL_COMMANDS:
+        # The server keeps freed memory too while it works, and hands it back once idle (serve.IDLE_TRIM_S).
         keep_freed_memory()
     try:
         return args.handler(args)
