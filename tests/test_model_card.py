@@ -78,3 +78,26 @@ def test_external_card_keeps_training_and_scored_data_apart():
     assert "## Metrics (external data other, all of it)" in text
     assert "On the external data other, all of it: expected calibration error 0.300" in text
     assert "melanoma-siamese evaluate --run runs/isic --data /x/other" in text and "melanoma-siamese train" not in text
+
+
+def test_card_names_the_flag_when_evaluate_was_given_a_prevalence():
+    """`evaluate --prevalence P` shows probabilities at P, while plain predict and serve keep the run's own:
+    the card must say which command shows the threshold it quotes."""
+    stated = {**METRICS, "calibration": {**METRICS["calibration"], "shown_prevalence_source": "stated with --prevalence"}}
+    text = model_card("runs/isic", load_config(), INFO, stated, GROUPS, None, generated=False)
+    assert "the same cut as 0.1234 on the calibrated probability `predict --prevalence 0.02` shows" in text
+    assert "`predict` and `serve` show the run's own prevalence unless given the same" in text
+    plain = model_card("runs/isic", load_config(), INFO, METRICS, GROUPS, None, generated=False)
+    assert "calibrated probability `predict` shows" in plain and "unless given the same" not in plain
+
+
+def test_card_gives_both_unfamiliar_cuts_and_what_each_flags():
+    unfamiliar = {"k": 5, "quantile": 0.99, "cut": 0.0812, "texture": {"k": 5, "quantile": 0.99, "cut": 0.0034},
+                  "flagged_share": {"test": 0.03}, "flagged_share_embedding": {"test": 0.01},
+                  "flagged_share_texture": {"test": 0.025}}
+    text = model_card("runs/isic", load_config(), INFO, {**METRICS, "unfamiliar": unfamiliar}, GROUPS, None,
+                      generated=False)
+    section = text[text.index("## Unfamiliar images"):text.index("## Intended use")]
+    assert "(cut 0.0812)" in section and "(cut 0.0034)" in section
+    assert "3.0% of test (1.0% by the embedding, 2.5% by texture)" in section
+    assert "each cut also flags about 1% of images like the validation ones" in section

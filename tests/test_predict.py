@@ -152,7 +152,10 @@ def test_pair_distance_equals_the_index_and_is_placed_among_validation_pairs(run
     assert same["pairs"] == len(reference["same_class"])
     assert same["share_closer"] == pytest.approx((reference["same_class"] <= report["distance"]).mean())
     assert main(["pair", "--run", str(run_dir), str(a), str(a)]) == 0
-    assert "Embedding distance (1 - cosine similarity): 0.0000" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Embedding distance (1 - cosine similarity): 0.0000" in out
+    # Each image says how familiar it is, flagged or not: a missing warning must not read as a check not made.
+    assert out.count("    familiar: mean distance ") + out.count("    UNFAMILIAR: ") == 2, out
 
 
 def test_val_pair_distances_against_every_pair():
@@ -185,7 +188,12 @@ def test_the_run_records_its_calibration_and_unfamiliar_rule(run_dir):
     assert trust["unfamiliar_appearance"]["cut"] > 0
     metrics = RunFolder(run_dir).read_metrics()
     assert {"brier_before", "brier_after", "ece_before", "ece_after"} <= set(metrics["calibration"]["test"])
-    assert set(metrics["unfamiliar"]["flagged_share"]) == {"val", "test"}
+    rule = metrics["unfamiliar"]
+    assert set(rule["flagged_share"]) == {"val", "test"}
+    assert rule["texture"]["cut"] == trust["unfamiliar_appearance"]["cut"]
+    for part, either in rule["flagged_share"].items():  # flagged by either cut: at least each alone, at most both
+        alone = rule["flagged_share_embedding"][part], rule["flagged_share_texture"][part]
+        assert max(alone) <= either <= sum(alone) + 1e-9
 
 
 def test_noise_is_flagged_unfamiliar_and_tiny_or_flat_images_are_refused(run, tmp_path):
@@ -224,9 +232,16 @@ def test_terminal_probability_shows_which_side_of_the_threshold_it_is():
     assert _beside(0.3 - 1e-12, 0.3).endswith("-") and _beside(0.3 + 1e-12, 0.3).endswith("+")
 
 
+def test_distances_keep_three_significant_digits_without_an_exponent():
+    from melanoma_siamese.predict import _distance
+
+    assert _distance(0.1234) == "0.1234" and _distance(0.0092) == "0.00920" and _distance(0.0000213) == "0.0000213"
+    assert _distance(0.0) == "0.0000" and _distance(1.5) == "1.5000"
+
+
 def test_terminal_shows_a_low_threshold_and_the_votes_decision_legibly(run, tiny_data, capsys):
     """At a low prevalence the threshold has more than four decimals; a kNN vote at its threshold is a 'mel'."""
-    from melanoma_siamese.predict import _header, _terminal_table
+    from melanoma_siamese.predict import _distance, _header, _terminal_table
 
     predictor = Predictor(run, prevalence=0.001)
     rows = predict_paths(predictor, image_files(tiny_data)[:6], neighbours=2)
@@ -234,6 +249,9 @@ def test_terminal_shows_a_low_threshold_and_the_votes_decision_legibly(run, tiny
     threshold = predictor.threshold
     assert threshold < 0.01 and f"Threshold on that scale: {threshold:.4g} " in header
     assert float(f"{threshold:.4g}") == pytest.approx(threshold, rel=1e-3)  # four significant digits, not 0.0013
+    # The neighbours' distances get a scale: a typical validation image's, from the run's own rule.
+    typical = float(np.median(run.familiarity.val_distances))
+    assert f"mean distance to its {run.familiarity.k} nearest training images is {_distance(typical)}." in header
     table = _terminal_table(rows, 2).splitlines()[1:]
     for row, line in zip(rows, table):
         assert f" {row['knn_probability']:.3f} {'mel' if row['knn_decision'] == 'melanoma' else 'ben'} " in line

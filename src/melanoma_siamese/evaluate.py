@@ -16,6 +16,7 @@ from .data.prepare import Prepared, balanced_test_ids
 from .engine import embed, melanoma_probability
 from .features import model_input
 from .inference import LoadedRun, RetrievalIndex, load_run
+from .model_card import shown_by
 from .metrics import binary_report, bootstrap_ci, choose_threshold, interval_text, knn_probabilities
 from .runfolder import RunFolder, write_text_atomic
 
@@ -57,7 +58,7 @@ def threshold_scale(metrics: dict) -> str:
     cal = metrics.get("calibration")
     if not cal or "threshold_shown" not in cal:
         return " (raw score, as shown by predict: the run has no calibration)"
-    return (f" on the raw score (= {cal['threshold_shown']:.4f} as the probability predict shows at "
+    return (f" on the raw score (= {cal['threshold_shown']:.4f} as the probability {shown_by(cal)} shows at "
             f"{100 * cal['shown_at_prevalence']:.2f}% prevalence)")
 
 
@@ -100,7 +101,8 @@ def _plots(frame_test: pd.DataFrame, test_emb: np.ndarray, metrics: dict, out: R
     curves = {"MLP / classifier": (y, frame_test["prob_melanoma"].to_numpy()),
               "kNN vote": (y, frame_test["knn_prob_melanoma"].to_numpy())}
     report, cal = metrics["test"], metrics.get("calibration") or {}
-    shown = f"\n(= {cal['threshold_shown']:.3f} as the probability predict shows)" if "threshold_shown" in cal else ""
+    shown = (f"\n(= {cal['threshold_shown']:.3f} as the probability {shown_by(cal)} shows)"
+             if "threshold_shown" in cal else "")
     plots.confusion_matrix(report["confusion_matrix"], out.image("confusion_matrix.png"),
                            f"{where[0].upper() + where[1:]}, raw-score threshold {report['threshold']:.3f}{shown}")
     plots.roc_curves(curves, out.image("roc_curve.png"), where)
@@ -201,19 +203,25 @@ def _trust_metrics(run: LoadedRun, frame: pd.DataFrame, embeddings: dict, array:
                 out["calibration"][part] = calibration.report(run.calibration, rows["target"].to_numpy(),
                                                               rows["prob_melanoma"].to_numpy())
     if run.familiarity is not None:
-        out["unfamiliar"] = {**run.familiarity.record(), "flagged_share": _flagged_shares(run, frame, embeddings, array)}
+        texture = None if run.appearance_rule is None else run.appearance_rule.record()
+        out["unfamiliar"] = {**run.familiarity.record(), "texture": texture,
+                             **_flagged_shares(run, frame, embeddings, array)}
     return out
 
 
 def _flagged_shares(run: LoadedRun, frame: pd.DataFrame, embeddings: dict, array: np.ndarray) -> dict:
-    """Share of each scored part the unfamiliar-image rule flags (the embedding's, or the appearance's, cut)."""
+    """Share of each scored part the unfamiliar-image rule flags (by the embedding's or the texture's cut), and
+    by each cut alone, so a reader can tell which of the two does the flagging."""
     from .inference import unfamiliar_flags
 
-    shares = {}
+    shares: dict = {"flagged_share": {}, "flagged_share_embedding": {}, "flagged_share_texture": {}}
     for part, emb in embeddings.items():
         if len(emb):
             rows = frame.loc[frame["part"] == part, "row"].to_numpy()
-            shares[part] = float(unfamiliar_flags(run, emb, _appearance(array, rows))[2].mean())
+            found, looks, flags = unfamiliar_flags(run, emb, _appearance(array, rows))
+            shares["flagged_share"][part] = float(flags.mean())
+            shares["flagged_share_embedding"][part] = float(found["unfamiliar"].mean())
+            shares["flagged_share_texture"][part] = float(looks["unfamiliar"].mean())
     return shares
 
 

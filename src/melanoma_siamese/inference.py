@@ -22,6 +22,7 @@ from .checkpoint import load_model
 from .config import Config
 from .errors import ConfigError, ImageRejected
 from .inputs import DEFAULT_MAX_PIXELS, ImageChecks, read_image
+from .model_card import STATED
 from .preprocess import to_model_input
 from .runfolder import RunFolder, Thresholds
 
@@ -128,7 +129,7 @@ class LoadedRun:
         if stated is not None:
             if not 0 < stated < 1:
                 raise ConfigError(f"--prevalence {stated}: must be strictly between 0 and 1 (a share, e.g. 0.02)")
-            return float(stated), "stated with --prevalence"
+            return float(stated), STATED
         if self.config.evaluation.prevalence is not None:
             return self.config.evaluation.prevalence, "set by evaluation.prevalence"
         if self.train_prevalence:

@@ -9,6 +9,17 @@ from typing import Optional
 
 from .config import Config
 
+STATED = "stated with --prevalence"
+
+
+def shown_by(cal: dict) -> str:
+    """The command that shows the calibrated probability at the prevalence these numbers assume: with a
+    prevalence given to `evaluate` alone, plain `predict` and `serve` still show the run's own, so the words
+    must name the flag (the card is read next to the predict a reader runs)."""
+    if cal.get("shown_prevalence_source") == STATED:
+        return f"predict --prevalence {cal['shown_at_prevalence']:g}"
+    return "predict"
+
 LICENCES = {
     "generated": "none needed: generated cartoons written by `melanoma-siamese synth`, not photographs",
     "isic": "CC BY-NC 4.0 (ISIC Archive: non-commercial use, with attribution; cite Rotemberg et al., Sci. Data 8, "
@@ -125,7 +136,7 @@ def _metrics_section(metrics: dict, where: str = "test part") -> list[str]:
     if threshold is not None:
         n_boot = metrics.get("test", {}).get("n_boot")
         shown = metrics.get("calibration", {}).get("threshold_shown")
-        same = (f" (the same cut as {shown:.4f} on the calibrated probability `predict` shows)"
+        same = (f" (the same cut as {shown:.4f} on the calibrated probability `{shown_by(metrics['calibration'])}` shows)"
                 if shown is not None else "")
         lines += ["", f"Sensitivity and specificity at the threshold chosen on validation, {threshold:.4f} on the "
                   f"classifier's raw score{same}; " + (f"95% intervals from {n_boot} patient resamples." if n_boot else
@@ -139,6 +150,8 @@ def _calibration_section(metrics: dict, where: str = "test part") -> list[str]:
         return ["## Calibration", "", "None: this run shows the classifier's raw score.", ""]
     lines = ["## Calibration", "", f"{cal['method']}, fitted on the validation part; probabilities shown for a "
              f"prevalence of {100 * cal['shown_at_prevalence']:.2f}% ({cal.get('shown_prevalence_source', '')})."]
+    if cal.get("shown_prevalence_source") == STATED:
+        lines.append(f"`predict` and `serve` show the run's own prevalence unless given the same: `{shown_by(cal)}`.")
     if "test" in cal:
         c = cal["test"]
         lines.append(f"On the {where}: expected calibration error {c['ece_before']:.3f} before, {c['ece_after']:.3f} after; "
@@ -167,11 +180,21 @@ def _unfamiliar_section(metrics: dict) -> list[str]:
     rule = metrics.get("unfamiliar")
     if not rule:
         return ["## Unfamiliar images", "", "This run has no unfamiliar-image rule (no validation images).", ""]
-    shares = ", ".join(f"{100 * v:.1f}% of {part}" for part, v in rule.get("flagged_share", {}).items())
+    by = {part: (share, rule.get("flagged_share_embedding", {}).get(part), rule.get("flagged_share_texture", {}).get(part))
+          for part, share in rule.get("flagged_share", {}).items()}
+    shares = ", ".join(f"{100 * v:.1f}% of {part}" + ("" if e is None or t is None else
+                                                     f" ({100 * e:.1f}% by the embedding, {100 * t:.1f}% by texture)")
+                       for part, (v, e, t) in by.items())
+    texture = rule.get("texture")
+    texture_cut = (f"the same measure on a texture descriptor (a histogram of fine detail: sharpness, grain, "
+                   f"noise) is above its own validation percentile (cut {texture.get('cut', float('nan')):.4f})"
+                   if texture else "its texture is as far from the training images'")
     return ["## Unfamiliar images", "", f"An image is flagged unfamiliar when its mean cosine distance to the "
             f"{rule.get('k')} nearest training images is above the validation {100 * rule['quantile']:g}th "
-            f"percentile (cut {rule.get('cut', float('nan')):.4f}), or its texture is as far from the training "
-            f"images'. It flags {shares}.", ""]
+            f"percentile (cut {rule.get('cut', float('nan')):.4f}), or {texture_cut}. It flags {shares}. "
+            f"By design each cut also flags about {100 * (1 - rule['quantile']):g}% of images like the validation "
+            "ones; and an image unlike any seen can still fall inside both, so the check does not replace a look "
+            "at the image.", ""]
 
 
 def _source_args(info: dict) -> str:
