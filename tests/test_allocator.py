@@ -2,23 +2,24 @@
 
 Each case runs in a fresh interpreter, because mallopt settings last for the process."""
 import os
+import platform
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator is Linux's")
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="these are glibc's allocator settings")
 
 # Resident memory (MB) after a 200 MB array made and freed in a worker thread, then after the trim.
 PROBE = textwrap.dedent("""
-    import sys, threading
+    import os, sys, threading
     import numpy as np
     from melanoma_siamese import allocator
 
     def rss_mb():
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096 / 2**20
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
     if sys.argv[1] == "keep":
         allocator.keep_freed_memory()

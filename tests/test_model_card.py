@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
+from melanoma_siamese.cli import main
 from melanoma_siamese.config import load_config
 from melanoma_siamese.model_card import LICENCES, licence, model_card
 from melanoma_siamese.runfolder import RunFolder
 
-from inference_run import shared_run
+from inference_run import private_copy, shared_run
 
 INFO = {"source": {"data": "/data/isic2020-jpg-256"}, "layout": "kaggle-256", "git_commit": "abc123",
         "versions": {"torch": "2.5"}, "parts": {"train": {"images": 700, "melanoma": 14},
@@ -98,6 +101,29 @@ def test_card_gives_both_unfamiliar_cuts_and_what_each_flags():
     text = model_card("runs/isic", load_config(), INFO, {**METRICS, "unfamiliar": unfamiliar}, GROUPS, None,
                       generated=False)
     section = text[text.index("## Unfamiliar images"):text.index("## Intended use")]
-    assert "(cut 0.0812)" in section and "(cut 0.0034)" in section
+    assert "(cut 0.0812)" in section and "(cut 0.00340)" in section  # three significant digits
     assert "3.0% of test (1.0% by the embedding, 2.5% by texture)" in section
     assert "each cut also flags about 1% of images like the validation ones" in section
+
+
+def test_card_says_when_a_run_has_no_texture_rule():
+    unfamiliar = {"k": 5, "quantile": 0.99, "cut": 0.0812, "texture": None, "flagged_share": {"test": 0.01},
+                  "flagged_share_embedding": {"test": 0.01}}
+    text = model_card("r", load_config(), INFO, {**METRICS, "unfamiliar": unfamiliar}, GROUPS, None, generated=False)
+    section = text[text.index("## Unfamiliar images"):text.index("## Intended use")]
+    assert "this run has no texture rule" in section and "by texture" not in section and "1.0% of test." in section
+
+
+def test_evaluate_names_the_flag_only_for_a_prevalence_not_the_runs_own(tiny_data, tmp_path_factory, tmp_path):
+    run = private_copy(shared_run(tiny_data, tmp_path_factory), tmp_path)
+    assert main(["evaluate", "--run", str(run), "--prevalence", "0.02", "--no-progress"]) == 0
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "calibrated probability `predict --prevalence 0.02` shows" in card and "unless given the same" in card
+    # The same prevalence in the run's own configuration: plain predict shows it, and the card must not say otherwise.
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["evaluation"]["prevalence"] = 0.02
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["evaluate", "--run", str(run), "--no-progress"]) == 0
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "(set by evaluation.prevalence)" in card and "calibrated probability `predict` shows" in card
+    assert "unless given the same" not in card

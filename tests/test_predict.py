@@ -153,9 +153,9 @@ def test_pair_distance_equals_the_index_and_is_placed_among_validation_pairs(run
     assert same["share_closer"] == pytest.approx((reference["same_class"] <= report["distance"]).mean())
     assert main(["pair", "--run", str(run_dir), str(a), str(a)]) == 0
     out = capsys.readouterr().out
-    assert "Embedding distance (1 - cosine similarity): 0.0000" in out
+    assert "Embedding distance (1 - cosine similarity): below 0.000001: the model cannot tell the two apart" in out
     # Each image says how familiar it is, flagged or not: a missing warning must not read as a check not made.
-    assert out.count("    familiar: mean distance ") + out.count("    UNFAMILIAR: ") == 2, out
+    assert out.count("    not flagged unfamiliar: mean distance ") + out.count("    UNFAMILIAR: ") == 2, out
 
 
 def test_val_pair_distances_against_every_pair():
@@ -233,15 +233,19 @@ def test_terminal_probability_shows_which_side_of_the_threshold_it_is():
 
 
 def test_distances_keep_three_significant_digits_without_an_exponent():
-    from melanoma_siamese.predict import _distance
+    from melanoma_siamese.familiarity import distance_text
 
-    assert _distance(0.1234) == "0.1234" and _distance(0.0092) == "0.00920" and _distance(0.0000213) == "0.0000213"
-    assert _distance(0.0) == "0.0000" and _distance(1.5) == "1.5000"
+    assert distance_text(0.1234) == "0.1234" and distance_text(0.0092) == "0.00920"
+    assert distance_text(0.0000213) == "0.0000213" and distance_text(1.2e-9) == "0.00000000"
+    assert distance_text(0.0) == "0.0000" and distance_text(1.5) == "1.5000"
+    # Half up on the exact value, as the page's toFixed rounds (Python's format would give 0.0312 and 0.1562).
+    assert distance_text(0.03125) == "0.0313" and distance_text(0.15625) == "0.1563"
 
 
 def test_terminal_shows_a_low_threshold_and_the_votes_decision_legibly(run, tiny_data, capsys):
     """At a low prevalence the threshold has more than four decimals; a kNN vote at its threshold is a 'mel'."""
-    from melanoma_siamese.predict import _distance, _header, _terminal_table
+    from melanoma_siamese.familiarity import distance_text
+    from melanoma_siamese.predict import _header, _terminal_table
 
     predictor = Predictor(run, prevalence=0.001)
     rows = predict_paths(predictor, image_files(tiny_data)[:6], neighbours=2)
@@ -251,7 +255,7 @@ def test_terminal_shows_a_low_threshold_and_the_votes_decision_legibly(run, tiny
     assert float(f"{threshold:.4g}") == pytest.approx(threshold, rel=1e-3)  # four significant digits, not 0.0013
     # The neighbours' distances get a scale: a typical validation image's, from the run's own rule.
     typical = float(np.median(run.familiarity.val_distances))
-    assert f"mean distance to its {run.familiarity.k} nearest training images is {_distance(typical)}." in header
+    assert f"mean distance to its {run.familiarity.k} nearest training images is {distance_text(typical)}." in header
     table = _terminal_table(rows, 2).splitlines()[1:]
     for row, line in zip(rows, table):
         assert f" {row['knn_probability']:.3f} {'mel' if row['knn_decision'] == 'melanoma' else 'ben'} " in line

@@ -321,7 +321,7 @@ def test_browser_uploads_an_image_and_sees_the_apis_answer(app, tiny_data, tmp_p
     chromium = _chromium()
     from playwright.sync_api import sync_playwright
 
-    from melanoma_siamese.predict import _distance
+    from melanoma_siamese.familiarity import distance_text
 
     image, noise = image_files(tiny_data)[3], _noise_png(tmp_path)
     real = next(iter(sorted((HAM / "train-image" / "image").glob("*.jpg"))), None) if HAM.is_dir() else None
@@ -385,7 +385,7 @@ def test_browser_uploads_an_image_and_sees_the_apis_answer(app, tiny_data, tmp_p
     assert len(loaded) == len(expected["similar"]) and all(width > 0 for width in loaded)
     assert all(s["id"] in c for s, c in zip(expected["similar"], captions))
     # Distances as `predict` prints them (three significant digits, never "0.000" for a close neighbour).
-    assert all(f"distance {_distance(s['distance'])}" in c for s, c in zip(expected["similar"], captions)), captions
+    assert all(f"distance {distance_text(s['distance'])}" in c for s, c in zip(expected["similar"], captions)), captions
     assert saliency > 0 and "8x8" in caption
     assert familiar_hidden == (not expected["unfamiliar"]["flag"])
     # Each rule named with its own numbers, so a flag by texture is not shown beside the embedding's alone.

@@ -56,7 +56,7 @@ class Admission:
 
 
 class Quiet:
-    """Calls `action` once no request has been in the server (from its upload read to its answer) for
+    """Calls `action` (in a worker thread) once no request has been in the server (from its upload read to its answer) for
     `after_s` seconds; a request that arrives in the meantime calls it off. Once per quiet spell."""
 
     def __init__(self, action: Callable[[], None], after_s: float):
@@ -82,4 +82,6 @@ class Quiet:
     def _quiet(self) -> None:
         self._timer = None
         if self.active == 0:
-            self.action()
+            # In a worker thread: handing a heap of freed memory back takes a while, and the event loop (the
+            # health check) must not wait for it.
+            asyncio.get_running_loop().run_in_executor(None, self.action)

@@ -22,6 +22,11 @@ def _libc() -> Optional[ctypes.CDLL]:
         return None
 
 
+def allocator_tunable() -> bool:
+    """Whether keep_freed_memory and trim_freed_memory act here (glibc, no MALLOC_* variable set)."""
+    return _libc() is not None
+
+
 def _mallopt(settings: dict[int, int]) -> None:
     libc = _libc()
     if libc is None:

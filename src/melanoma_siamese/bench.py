@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .allocator import allocator_tunable
 from .bench_gpu import GPU_WARMUP, run_gpu
 from .bench_memory import memory_flatness
 from .bench_rows import Row, log
@@ -326,6 +327,7 @@ def machine_info(threads: int, device: str) -> dict:
         "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
         "torch": torch.__version__, "torchvision": torchvision.__version__, "device": device,
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "allocator_tuned": allocator_tunable(),
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -355,9 +357,11 @@ def format_report(report: dict) -> str:
                     if "load_average" in m else ""))
     if m["malloc_env"]:
         lines.append("MALLOC_* set: " + " ".join(f"{k}={v}" for k, v in m["malloc_env"].items()))
-    else:
+    elif m.get("allocator_tuned"):
         lines.append("MALLOC_* not set: the command kept freed memory in one heap itself, as "
                      f"`{MALLOC_HINT}` would (allocator.keep_freed_memory)")
+    else:
+        lines.append("MALLOC_* not set, and no glibc here to tune: the allocator's own policy")
     if m["device"] == "cpu":
         lines.append("fp32 on CPU (bf16 autocast on a CPU without native bf16 is slower); compare ratios, not "
                      "absolute figures, on a busy machine")

@@ -222,6 +222,8 @@ def _flagged_shares(run: LoadedRun, frame: pd.DataFrame, embeddings: dict, array
             shares["flagged_share"][part] = float(flags.mean())
             shares["flagged_share_embedding"][part] = float(found["unfamiliar"].mean())
             shares["flagged_share_texture"][part] = float(looks["unfamiliar"].mean())
+    if run.appearance_rule is None:  # no texture rule: no share "by texture" to report
+        del shares["flagged_share_texture"]
     return shares
 
 
@@ -252,7 +254,10 @@ def evaluate_run(run_dir: Path | RunFolder, config: Config, prepared: Prepared, 
         balanced_ids = balanced_test_ids(prepared, d.balanced_test_per_class, config.runtime.seed) \
             if prepared.table["target"].nunique() == 2 else np.array([])
     metrics = _metrics(frame, thresholds, config, balanced_ids, folder if external is None else None)
-    prevalence, source = run.prevalence(config.evaluation.prevalence)
+    # Stated only when it differs from the run's own setting: what its configuration holds, predict shows too.
+    own = folder.read_config().evaluation.prevalence
+    stated = config.evaluation.prevalence if config.evaluation.prevalence != own else None
+    prevalence, source = run.prevalence(stated)
     metrics.update(_trust_metrics(run, frame, embeddings, prepared.array, prevalence))
     if "calibration" in metrics:
         metrics["calibration"]["shown_prevalence_source"] = source

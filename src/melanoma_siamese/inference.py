@@ -311,7 +311,7 @@ def unfamiliar_flags(run: LoadedRun, embeddings: np.ndarray, appearance: np.ndar
 def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray, pixels: np.ndarray) -> list[dict]:
     """Per image: distance to the nearest training images and its percentile among validation images, in the
     embedding and in appearance; flagged when either is beyond its cut."""
-    from .familiarity import appearance_features
+    from .familiarity import appearance_features, distance_text
 
     rule = run.familiarity
     if rule is None:
@@ -323,8 +323,8 @@ def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray, pixels: np.ndarra
     for i, (distance, percentile) in enumerate(zip(found["distance"], found["percentile"])):
         reasons = []
         if found["unfamiliar"][i]:
-            reasons.append(f"its mean distance to the {rule.k} nearest training images, {distance:.4f}, is above "
-                           f"the cut {rule.cut:.4f} (the {100 * rule.quantile:g}th percentile of validation "
+            reasons.append(f"its mean distance to the {rule.k} nearest training images, {distance_text(distance)}, "
+                           f"is above the cut {distance_text(rule.cut)} (the {100 * rule.quantile:g}th percentile of validation "
                            f"images'; {percentile:.0f}% of them are this close or closer)")
         texture = looks["percentile"][i]
         if looks["unfamiliar"][i]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .config import Config
+from .familiarity import distance_text
 
 STATED = "stated with --prevalence"
 
@@ -17,7 +18,7 @@ def shown_by(cal: dict) -> str:
     prevalence given to `evaluate` alone, plain `predict` and `serve` still show the run's own, so the words
     must name the flag (the card is read next to the predict a reader runs)."""
     if cal.get("shown_prevalence_source") == STATED:
-        return f"predict --prevalence {cal['shown_at_prevalence']:g}"
+        return f"predict --prevalence {cal['shown_at_prevalence']!r}"
     return "predict"
 
 LICENCES = {
@@ -180,21 +181,29 @@ def _unfamiliar_section(metrics: dict) -> list[str]:
     rule = metrics.get("unfamiliar")
     if not rule:
         return ["## Unfamiliar images", "", "This run has no unfamiliar-image rule (no validation images).", ""]
-    by = {part: (share, rule.get("flagged_share_embedding", {}).get(part), rule.get("flagged_share_texture", {}).get(part))
-          for part, share in rule.get("flagged_share", {}).items()}
-    shares = ", ".join(f"{100 * v:.1f}% of {part}" + ("" if e is None or t is None else
-                                                     f" ({100 * e:.1f}% by the embedding, {100 * t:.1f}% by texture)")
-                       for part, (v, e, t) in by.items())
-    texture = rule.get("texture")
-    texture_cut = (f"the same measure on a texture descriptor (a histogram of fine detail: sharpness, grain, "
-                   f"noise) is above its own validation percentile (cut {texture.get('cut', float('nan')):.4f})"
-                   if texture else "its texture is as far from the training images'")
+    embedding, texture = rule.get("flagged_share_embedding", {}), rule.get("flagged_share_texture", {})
+    shares = ", ".join(f"{100 * v:.1f}% of {part}" + (f" ({100 * embedding[part]:.1f}% by the embedding, "
+                                                     f"{100 * texture[part]:.1f}% by texture)"
+                                                     if part in embedding and part in texture else "")
+                       for part, v in rule.get("flagged_share", {}).items())
     return ["## Unfamiliar images", "", f"An image is flagged unfamiliar when its mean cosine distance to the "
             f"{rule.get('k')} nearest training images is above the validation {100 * rule['quantile']:g}th "
-            f"percentile (cut {rule.get('cut', float('nan')):.4f}), or {texture_cut}. It flags {shares}. "
+            f"percentile (cut {distance_text(rule.get('cut', float('nan')))}){_texture_rule(rule)}. "
+            f"It flags {shares}. "
             f"By design each cut also flags about {100 * (1 - rule['quantile']):g}% of images like the validation "
             "ones; and an image unlike any seen can still fall inside both, so the check does not replace a look "
             "at the image.", ""]
+
+
+def _texture_rule(rule: dict) -> str:
+    """The texture half of the rule: its cut, or that this run has none (metrics written before the card
+    named the cut say neither)."""
+    if "texture" not in rule:
+        return ", or its texture is as far from the training images'"
+    if rule["texture"] is None:
+        return " (this run has no texture rule: its index holds no appearance descriptors)"
+    return (", or the same measure on a texture descriptor (a histogram of fine detail: sharpness, grain, noise) "
+            f"is above its own validation percentile (cut {distance_text(rule['texture']['cut'])})")
 
 
 def _source_args(info: dict) -> str:

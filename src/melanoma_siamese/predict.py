@@ -11,16 +11,8 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, ImageRejected
+from .familiarity import distance_text
 from .inputs import DEFAULT_MAX_PIXELS
-
-
-def _distance(d: float) -> str:
-    """A distance with three significant digits, never in exponent form: a tightly trained space puts a
-    typical image 0.00002 from its neighbours, and "0.0000" would read as a copy of a training image."""
-    for decimals in range(4, 9):
-        if d == 0 or d >= 10 ** (2 - decimals):
-            return f"{d:.{decimals}f}"
-    return f"{d:.8f}"
 
 
 def _beside(p: float, threshold: float) -> str:
@@ -41,7 +33,7 @@ def _terminal_table(rows: list[dict], neighbours: int) -> str:
             lines.append(f"{path:<40} {'-':>11}  {'FAILED':<12} {'-':<30} {'-':>9}  {r['reason']}")
             continue
         near = ", ".join(f"{r[f'neighbour_{n}_id']} {'mel' if r[f'neighbour_{n}_label'] else 'ben'} "
-                         f"{_distance(r[f'neighbour_{n}_distance'])}" for n in range(1, neighbours + 1)
+                         f"{distance_text(r[f'neighbour_{n}_distance'])}" for n in range(1, neighbours + 1)
                          if f"neighbour_{n}_id" in r)
         familiar = ("-" if r["unfamiliar_percentile"] is None else f"UNFAMILIAR ({r['unfamiliar_by']})"
                     if r["unfamiliar"] else f"yes (pct {r['unfamiliar_percentile']:.0f})")
@@ -72,13 +64,13 @@ def _header(predictor) -> list[str]:
                  f"calibrated, not moved to the prevalence), threshold {run.thresholds.knn:.4g}, its decision beside it.")
     rule = run.familiarity
     if rule is not None:
-        lines.append(f"Unfamiliar: mean distance to the {rule.k} nearest training images above {rule.cut:.4f} (the "
+        lines.append(f"Unfamiliar: mean distance to the {rule.k} nearest training images above {distance_text(rule.cut)} (the "
                      f"{100 * rule.quantile:g}th percentile of validation images), or a texture as far from the "
                      "training images'; pct = the share of validation images as close or closer.")
         # A distance means nothing without a scale: the cut and a typical validation image give one.
         lines.append(f"Distances: 1 - cosine similarity of the embeddings (0 = the same direction, 2 = opposite); "
                      f"a typical validation image's mean distance to its {rule.k} nearest training images is "
-                     f"{_distance(rule.record()['val_median'])}.")
+                     f"{distance_text(rule.record()['val_median'])}.")
     return lines
 
 
@@ -126,9 +118,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _print_pair(report: dict) -> None:
     if report["trained_on_generated_images"]:
         print("WARNING: this run was trained on generated images: its answers mean nothing for real photos.")
-    # Below 1e-6 is float32 rounding of an image with itself.
-    distance = report["distance"] if report["distance"] >= 1e-6 else 0.0
-    print(f"Embedding distance (1 - cosine similarity): {_distance(distance)}")
+    # Below 1e-6 a distance is float32 rounding as much as a difference the model sees.
+    distance = report["distance"]
+    shown = distance_text(distance) if distance >= 1e-6 else "below 0.000001: the model cannot tell the two apart"
+    print(f"Embedding distance (1 - cosine similarity): {shown}")
     scale = (f"calibrated, at {100 * report['prevalence']:.2f}% melanoma ({report['prevalence_source']})"
              if report["calibrated"] else "raw score, not calibrated")
     for r in report["images"]:
@@ -142,8 +135,8 @@ def _print_pair(report: dict) -> None:
             # Said for a familiar image too, so a missing warning is not mistaken for a check never made.
             texture = ("" if u["appearance_percentile"] is None else
                        f"; in texture, {u['appearance_percentile']:.0f}% of them are this close or closer")
-            print(f"    familiar: mean distance {_distance(u['distance'])} to the nearest training images, within the "
-                  f"cut {_distance(u['cut'])} ({u['percentile']:.0f}% of validation images are this close or "
+            print(f"    not flagged unfamiliar: mean distance {distance_text(u['distance'])} to the nearest training images, within the "
+                  f"cut {distance_text(u['cut'])} ({u['percentile']:.0f}% of validation images are this close or "
                   f"closer){texture}")
         else:
             print(f"    familiarity not checked: {u['reason']}")
@@ -151,7 +144,7 @@ def _print_pair(report: dict) -> None:
         v = report["validation"][name]
         if v["pairs"]:
             print(f"  {100 * v['share_closer']:.1f}% of {v['pairs']} {text} validation pairs are this close or closer "
-                  f"(their median distance {_distance(v['median'])})")
+                  f"(their median distance {distance_text(v['median'])})")
         else:
             print(f"  No {text} validation pairs to compare with")
 
