@@ -324,8 +324,8 @@ def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray, pixels: np.ndarra
         reasons = []
         if found["unfamiliar"][i]:
             reasons.append(f"its mean distance to the {rule.k} nearest training images, {distance_text(distance)}, "
-                           f"is above the cut {distance_text(rule.cut)} (the {100 * rule.quantile:g}th percentile of validation "
-                           f"images'; {percentile:.0f}% of them are this close or closer)")
+                           f"is above the cut {distance_text(rule.cut)} (the {100 * rule.quantile:g}th percentile of "
+                           f"validation images'; farther than {percentile:.0f}% of them)")
         texture = looks["percentile"][i]
         if looks["unfamiliar"][i]:
             reasons.append(f"its texture is unlike the training images' (farther than {texture:.0f}% "
