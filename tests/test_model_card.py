@@ -86,7 +86,8 @@ def test_external_card_keeps_training_and_scored_data_apart():
 def test_card_names_the_flag_when_evaluate_was_given_a_prevalence():
     """`evaluate --prevalence P` shows probabilities at P, while plain predict and serve keep the run's own:
     the card must say which command shows the threshold it quotes."""
-    stated = {**METRICS, "calibration": {**METRICS["calibration"], "shown_prevalence_source": "stated with --prevalence"}}
+    stated = {**METRICS, "calibration": {**METRICS["calibration"],
+                                         "shown_prevalence_source": "stated with --prevalence"}}
     text = model_card("runs/isic", load_config(), INFO, stated, GROUPS, None, generated=False)
     assert "the same cut as 0.1234 on the calibrated probability `predict --prevalence 0.02` shows" in text
     assert "`predict` and `serve` show the run's own prevalence unless given the same" in text

@@ -56,8 +56,8 @@ class Admission:
 
 
 class Quiet:
-    """Calls `action` (in a worker thread) once no request has been in the server (from its upload read to its answer) for
-    `after_s` seconds; a request that arrives in the meantime calls it off. Once per quiet spell."""
+    """Calls `action` (in a worker thread) once no request has been in the server (from its upload read to its
+    answer) for `after_s` seconds; a request that arrives in the meantime calls it off. Once per quiet spell."""
 
     def __init__(self, action: Callable[[], None], after_s: float):
         if after_s < 0:

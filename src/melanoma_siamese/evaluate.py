@@ -214,16 +214,16 @@ def _flagged_shares(run: LoadedRun, frame: pd.DataFrame, embeddings: dict, array
     by each cut alone, so a reader can tell which of the two does the flagging."""
     from .inference import unfamiliar_flags
 
-    shares: dict = {"flagged_share": {}, "flagged_share_embedding": {}, "flagged_share_texture": {}}
+    # No texture rule, no share "by texture" to report.
+    keys = ("flagged_share", "flagged_share_embedding") + (() if run.appearance_rule is None else
+                                                            ("flagged_share_texture",))
+    shares: dict = {key: {} for key in keys}
     for part, emb in embeddings.items():
         if len(emb):
             rows = frame.loc[frame["part"] == part, "row"].to_numpy()
             found, looks, flags = unfamiliar_flags(run, emb, _appearance(array, rows))
-            shares["flagged_share"][part] = float(flags.mean())
-            shares["flagged_share_embedding"][part] = float(found["unfamiliar"].mean())
-            shares["flagged_share_texture"][part] = float(looks["unfamiliar"].mean())
-    if run.appearance_rule is None:  # no texture rule: no share "by texture" to report
-        del shares["flagged_share_texture"]
+            for key, flagged in zip(keys, (flags, found["unfamiliar"], looks["unfamiliar"])):
+                shares[key][part] = float(flagged.mean())
     return shares
 
 

@@ -39,10 +39,8 @@ def distance_text(d: float) -> str:
     """A distance with three significant digits, never in exponent form, rounded half up on the exact value as
     JavaScript's toFixed does (the page's distanceText gives the same string): a tightly trained space puts a
     typical image 0.00002 from its neighbours, and "0.0000" would read as a copy of a training image."""
-    for decimals in range(4, 9):
-        if d == 0 or abs(d) >= 10 ** (2 - decimals) or decimals == 8:
-            return f"{Decimal(float(d)).quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP):f}"
-    raise AssertionError("unreachable")
+    decimals = next((n for n in range(4, 8) if d == 0 or abs(d) >= 10 ** (2 - n)), 8)
+    return f"{Decimal(float(d)).quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP):f}"
 
 
 def _normalised(embeddings: np.ndarray) -> np.ndarray:

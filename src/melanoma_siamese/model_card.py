@@ -137,8 +137,8 @@ def _metrics_section(metrics: dict, where: str = "test part") -> list[str]:
     if threshold is not None:
         n_boot = metrics.get("test", {}).get("n_boot")
         shown = metrics.get("calibration", {}).get("threshold_shown")
-        same = (f" (the same cut as {shown:.4f} on the calibrated probability `{shown_by(metrics['calibration'])}` shows)"
-                if shown is not None else "")
+        same = (f" (the same cut as {shown:.4f} on the calibrated probability "
+                f"`{shown_by(metrics['calibration'])}` shows)" if shown is not None else "")
         lines += ["", f"Sensitivity and specificity at the threshold chosen on validation, {threshold:.4f} on the "
                   f"classifier's raw score{same}; " + (f"95% intervals from {n_boot} patient resamples." if n_boot else
                                                          "no intervals (evaluation.bootstrap is 0).")]

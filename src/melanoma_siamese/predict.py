@@ -64,9 +64,10 @@ def _header(predictor) -> list[str]:
                  f"calibrated, not moved to the prevalence), threshold {run.thresholds.knn:.4g}, its decision beside it.")
     rule = run.familiarity
     if rule is not None:
-        lines.append(f"Unfamiliar: mean distance to the {rule.k} nearest training images above {distance_text(rule.cut)} (the "
-                     f"{100 * rule.quantile:g}th percentile of validation images), or a texture as far from the "
-                     "training images'; pct = the share of validation images as close or closer.")
+        lines.append(f"Unfamiliar: mean distance to the {rule.k} nearest training images above "
+                     f"{distance_text(rule.cut)} (the {100 * rule.quantile:g}th percentile of validation images), "
+                     "or a texture as far from the training images'; pct = the share of validation images as close "
+                     "or closer.")
         # A distance means nothing without a scale: the cut and a typical validation image give one.
         lines.append(f"Distances: 1 - cosine similarity of the embeddings (0 = the same direction, 2 = opposite); "
                      f"a typical validation image's mean distance to its {rule.k} nearest training images is "
@@ -135,9 +136,9 @@ def _print_pair(report: dict) -> None:
             # Said for a familiar image too, so a missing warning is not mistaken for a check never made.
             texture = ("" if u["appearance_percentile"] is None else
                        f"; in texture, {u['appearance_percentile']:.0f}% of them are this close or closer")
-            print(f"    not flagged unfamiliar: mean distance {distance_text(u['distance'])} to the nearest training images, within the "
-                  f"cut {distance_text(u['cut'])} ({u['percentile']:.0f}% of validation images are this close or "
-                  f"closer){texture}")
+            print(f"    not flagged unfamiliar: mean distance {distance_text(u['distance'])} to the nearest training "
+                  f"images, within the cut {distance_text(u['cut'])} ({u['percentile']:.0f}% of validation images "
+                  f"are this close or closer){texture}")
         else:
             print(f"    familiarity not checked: {u['reason']}")
     for name, text in (("same_class", "same-class"), ("other_class", "other-class")):
