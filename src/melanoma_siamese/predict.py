@@ -116,6 +116,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _familiarity_line(u: dict) -> str:
+    """How familiar one image is, said for a familiar image too, so a missing warning is not mistaken for a
+    check never made."""
+    if u["flag"]:
+        return ("UNFAMILIAR: this image is unlike every image the model was trained on; the answer is not "
+                f"reliable. {u['reason']}")
+    if u["percentile"] is None:
+        return f"familiarity not checked: {u['reason']}"
+    texture = ("" if u["appearance_percentile"] is None else
+               f"; in texture, {u['appearance_percentile']:.0f}% of them are this close or closer")
+    return (f"not flagged unfamiliar: mean distance {distance_text(u['distance'])} to the nearest training images, "
+            f"within the cut {distance_text(u['cut'])} ({u['percentile']:.0f}% of validation images are this close "
+            f"or closer){texture}")
+
+
 def _print_pair(report: dict) -> None:
     if report["trained_on_generated_images"]:
         print("WARNING: this run was trained on generated images: its answers mean nothing for real photos.")
@@ -128,19 +143,7 @@ def _print_pair(report: dict) -> None:
     for r in report["images"]:
         print(f"  {r['path']}: P(melanoma) {r['probability']:.4f} ({scale}) -> {r['decision']} "
               f"(threshold {report['threshold']:.4f})")
-        u = r["unfamiliar"]
-        if u["flag"]:
-            print(f"    UNFAMILIAR: this image is unlike every image the model was trained on; the answer is not "
-                  f"reliable. {u['reason']}")
-        elif u["percentile"] is not None:
-            # Said for a familiar image too, so a missing warning is not mistaken for a check never made.
-            texture = ("" if u["appearance_percentile"] is None else
-                       f"; in texture, {u['appearance_percentile']:.0f}% of them are this close or closer")
-            print(f"    not flagged unfamiliar: mean distance {distance_text(u['distance'])} to the nearest training "
-                  f"images, within the cut {distance_text(u['cut'])} ({u['percentile']:.0f}% of validation images "
-                  f"are this close or closer){texture}")
-        else:
-            print(f"    familiarity not checked: {u['reason']}")
+        print("    " + _familiarity_line(r["unfamiliar"]))
     for name, text in (("same_class", "same-class"), ("other_class", "other-class")):
         v = report["validation"][name]
         if v["pairs"]:
