@@ -38,7 +38,10 @@ def _hard_families(rng: np.random.Generator, n: int = 100, side: int = 256) -> d
     """Images unlike any dermoscopic photo whose texture or colour alone does not give them away."""
     families: dict[str, list[Image.Image]] = {k: [] for k in ("blurred noise", "gradients", "text", "checkerboards",
                                                               "random shapes")}
-    font = ImageFont.load_default(size=side // 10)
+    try:
+        font = ImageFont.load_default(size=side // 10)
+    except TypeError:  # Pillow before 10.1 has only its small bitmap font (the package's floor is 10.0)
+        font = ImageFont.load_default()
     words = "lesion report patient visit image scale ruler note date left right ISIC sample".split()
     yy, xx = np.mgrid[0:side, 0:side] / (side - 1)
     for _ in range(n):
