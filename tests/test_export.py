@@ -34,7 +34,32 @@ def test_export_writes_a_valid_model_and_prints_the_difference(tiny_data, tmp_pa
     model = onnx.load(str(out))
     onnx.checker.check_model(model)
     assert [i.name for i in model.graph.input] == ["images"]
-    assert [o.name for o in model.graph.output] == ["embedding", "probability"]
+    # The second output is the raw score, not the probability predict shows: named so, with what reads it.
+    assert [o.name for o in model.graph.output] == ["embedding", "score"]
+    assert "not a probability: melanoma where score >= " in printed
+
+
+def test_onnx_metadata_turns_the_score_into_predicts_answer(exported):
+    import json
+
+    import onnxruntime
+    from scipy.special import expit, logit
+
+    run = load_run(exported, "cpu")
+    session = onnxruntime.InferenceSession(str(RunFolder(exported).onnx), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert "not a probability" in meta["score"] and int(meta["image_size"]) == run.config.data.image_size
+    threshold, cal = float(meta["score_threshold"]), json.loads(meta["calibration"])
+    assert threshold == pytest.approx(run.thresholds.classifier, rel=1e-5)
+    pixels, _ = sample_pixels(run, 4)
+    _, score = session.run(None, {"images": pixels})
+    for prevalence in (None, 0.02):
+        shown = Predictor(run, prevalence=prevalence).describe(pixels, Predictor(run).score(pixels), 1)
+        p = float(meta["prevalence"]) if prevalence is None else prevalence
+        shift = logit(p) - logit(cal["prevalence"])
+        by_hand = expit(cal["slope"] * logit(score.astype(np.float64)) + cal["intercept"] + shift)
+        assert [a["probability"] for a in shown] == pytest.approx(by_hand, abs=1e-5)
+        assert [a["decision"] == "melanoma" for a in shown] == list(score >= threshold)
 
 
 def test_onnx_takes_uint8_batches_of_any_size_and_matches_torch(exported):

@@ -2,8 +2,11 @@
 on the Hugging Face Hub (hf.py).
 
 The ONNX model takes what a decoder gives: `images`, uint8, N x S x S x 3 (RGB, channels last, S the run's
-image_size), and returns `embedding` (N x 512, L2-normalised) and `probability` (N, melanoma). Scaling and
-normalisation are inside it (inference.PixelModel), so a caller needs no knowledge of the run's mean and std.
+image_size), and returns `embedding` (N x 512, L2-normalised) and `score` (N: the classifier's raw melanoma
+score, class-weighted and uncalibrated; not the probability `predict` shows). Scaling and normalisation are
+inside it (inference.PixelModel), so a caller needs no knowledge of the run's mean and std. The file's metadata
+holds what turns a score into an answer: the decision threshold on the score, and the calibration that gives
+the probability at a prevalence.
 Writing it needs only `onnx`; the check runs it with onnxruntime or onnxruntime-gpu, whichever is installed.
 Torch is imported when the command runs, not when its options are declared.
 """
@@ -32,11 +35,46 @@ def export_onnx(run, path: Path, opset: int = OPSET) -> Path:
     encoder = copy.deepcopy(run.encoder).cpu()
     fixed_input_size(encoder, run.config.data.image_size)
     model = PixelModel(encoder, copy.deepcopy(run.classifier).cpu(), run.config.data.mean, run.config.data.std).eval()
-    return export_pixel_model(model, run.config.data.image_size, path, opset)
+    export_pixel_model(model, run.config.data.image_size, path, opset)
+    return describe_model(path, score_metadata(run))
+
+
+def score_metadata(run) -> dict[str, str]:
+    """What a caller of the ONNX file needs to read its `score`: the threshold on it and the calibration, as
+    at the time of export (strings: ONNX metadata holds text)."""
+    import json
+
+    from . import __version__
+
+    meta = {"score": "the classifier's raw melanoma score (class-weighted training, uncalibrated): not a "
+                     "probability; melanoma where score >= score_threshold",
+            "score_threshold": f"{run.thresholds.classifier:.6g}", "threshold_source": run.thresholds.source,
+            "image_size": str(run.config.data.image_size), "melanoma_siamese_version": __version__}
+    cal = run.calibration
+    if cal is not None:
+        meta["calibration"] = json.dumps(cal.to_dict())
+        shown, source = run.prevalence()
+        meta["probability"] = (f"sigmoid(slope * logit(score) + intercept + logit(P) - logit({cal.prevalence:.6g})) "
+                               "with the calibration's slope and intercept: the probability of melanoma at a "
+                               "prevalence P; the threshold moves with it (the same formula on score_threshold)")
+        if shown is not None:
+            meta["prevalence"] = f"{shown:.6g}"  # what predict shows without --prevalence
+            meta["prevalence_source"] = source
+    return meta
+
+
+def describe_model(path: Path, metadata: dict[str, str]) -> Path:
+    """Write `metadata` into the ONNX file's metadata_props (onnxruntime: session.get_modelmeta().custom_metadata_map)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, metadata)
+    onnx.save(model, str(path))
+    return path
 
 
 def export_pixel_model(model, size: int, path: Path, opset: int = OPSET) -> Path:
-    """Write one ONNX file of a PixelModel (uint8 N x size x size x 3 in; embedding and probability out),
+    """Write one ONNX file of a PixelModel (uint8 N x size x size x 3 in; embedding and raw score out),
     checked by onnx."""
     import onnx
     import torch
@@ -50,9 +88,8 @@ def export_pixel_model(model, size: int, path: Path, opset: int = OPSET) -> Path
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(model, (example,), str(path), **choice, opset_version=opset,
-                              input_names=["images"], output_names=["embedding", "probability"],
-                              dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"},
-                                            "probability": {0: "batch"}})
+                              input_names=["images"], output_names=["embedding", "score"],
+                              dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}, "score": {0: "batch"}})
         except torch.onnx.errors.OnnxExporterError as exc:
             backbone = getattr(getattr(model, "encoder", None), "args", {}).get("backbone", "this backbone")
             raise ConfigError(f"ONNX export of {backbone} failed at opset {opset}: {exc}. Try another --opset, or "
@@ -90,7 +127,7 @@ def compare_with_torch(run, onnx_path: Path, pixels: np.ndarray) -> dict:
 
     torch_emb, torch_prob = Predictor(run, "torch").score(pixels)
     onnx_emb, onnx_prob = Predictor(run, "onnxruntime", onnx_path).score(pixels)
-    return {"probability": float(np.abs(torch_prob - onnx_prob).max()),
+    return {"score": float(np.abs(torch_prob - onnx_prob).max()),
             "embedding": float(np.abs(torch_emb - onnx_emb).max())}
 
 
@@ -111,12 +148,22 @@ def _export_onnx(run, path: Path, opset: int, pixels: np.ndarray, what: str) -> 
         raise ConfigError("export --format onnx needs the onnx package: pip install 'melanoma-siamese[export]'")
     export_onnx(run, path, opset)
     size = run.config.data.image_size
-    print(f"Wrote {path} (input `images`: uint8 N x {size} x {size} x 3 RGB; outputs `embedding`, `probability`)")
+    print(f"Wrote {path} (input `images`: uint8 N x {size} x {size} x 3 RGB; outputs `embedding` and `score`)")
+    print(_score_sentence(run))
     if find_spec("onnxruntime") is None:
         print("warning: not checked against PyTorch: neither onnxruntime nor onnxruntime-gpu is installed "
               "(pip install onnxruntime, then export again to check)", file=sys.stderr)
         return 0
     return _report(compare_with_torch(run, path, pixels), f"PyTorch on {what}", "ONNX model", TOLERANCE)
+
+
+def _score_sentence(run) -> str:
+    sentence = (f"`score` is the classifier's raw score, not a probability: melanoma where score >= "
+                f"{run.thresholds.classifier:.4f} ({run.thresholds.source})")
+    if run.calibration is None:
+        return sentence + "; the run has no calibration, so predict shows this score too"
+    return (sentence + "; predict shows the calibrated probability instead. The file's metadata (`score_threshold`, "
+            "`calibration`, `probability`) says how to get it")
 
 
 def _export_hf(run, out: Path, pixels: np.ndarray, what: str) -> int:
@@ -139,7 +186,7 @@ def _export_hf(run, out: Path, pixels: np.ndarray, what: str) -> int:
 def _report(diff: dict, against: str, what: str, limit: float) -> int:
     largest = max(diff.values())
     print(f"Checked against {against}: largest absolute difference {largest:.3g} "
-          f"(probability {diff['probability']:.3g}, embedding {diff['embedding']:.3g}; limit {limit:g})")
+          f"(score {diff['score']:.3g}, embedding {diff['embedding']:.3g}; limit {limit:g})")
     if largest >= limit:
         print(f"error: the {what} differs by more than {limit:g}", file=sys.stderr)
         return 1

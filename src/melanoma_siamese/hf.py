@@ -117,7 +117,7 @@ def compare_with_run(run: LoadedRun, out: Path, pixels: np.ndarray) -> dict:
     with torch.no_grad():
         images = torch.from_numpy(np.ascontiguousarray(pixels))
         (e1, p1), (e2, p2) = original(images), loaded(images)
-    return {"probability": float((p1 - p2).abs().max()), "embedding": float((e1 - e2).abs().max())}
+    return {"score": float((p1 - p2).abs().max()), "embedding": float((e1 - e2).abs().max())}
 
 
 def describe_folder(out: Path) -> Optional[str]:
