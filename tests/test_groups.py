@@ -59,11 +59,17 @@ def test_all_detected_gets_a_wilson_interval_not_a_zero_width_one():
     assert wilson_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
     frame = _frame()
     frame.loc[frame["target"] == 1, "prob_melanoma"] = 1.0  # every melanoma detected at any threshold
-    female = results_by_group(frame, "prob_melanoma", 0.5, n_boot=50)["groupings"]["sex"]["female"]
+    report = results_by_group(frame, "prob_melanoma", 0.5, n_boot=50)
+    female = report["groupings"]["sex"]["female"]
     n = female["melanoma"]
     assert female["sensitivity"] == 1.0 and female["sensitivity_ci_method"].startswith("Wilson")
     assert female["sensitivity_ci"] == pytest.approx(wilson_interval(n, n))
     assert female["sensitivity_ci"][0] < 1.0
+    # The printed table (headed "patient-bootstrap 95% CIs") marks it and says what the mark means.
+    lines = table_lines(report)
+    female_line = next(line for line in lines if line.startswith("sex: female"))
+    assert f"1.00 ({female['sensitivity_ci'][0]:.2f}-1.00*)" in female_line
+    assert lines[-1 if not report["absent"] else -2].startswith("* Wilson interval of the counts")
 
 
 def test_no_clinical_columns_no_groups():

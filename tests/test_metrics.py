@@ -125,7 +125,9 @@ def test_intervals_where_every_resample_agrees_are_not_shown_as_certainty():
     assert ci["roc_auc_ci"] == pytest.approx([1.0, 1.0]) and ci["roc_auc_ci_method"].startswith("bootstrap, no width")
     report = {"roc_auc": 1.0, **ci}
     assert interval_text(report, "roc_auc") == " (no interval: every patient resample gave this value)"
-    assert interval_text(report, "sensitivity") == f" (95% CI {ci['sensitivity_ci'][0]:.3f}-1.000)"
+    # Marked where it is not the bootstrap interval a heading announces, in full and in a compact table.
+    assert interval_text(report, "sensitivity") == f" (95% CI {ci['sensitivity_ci'][0]:.3f}-1.000, Wilson)"
+    assert interval_text(report, "sensitivity", 2, "") == f" ({ci['sensitivity_ci'][0]:.2f}-1.00*)"
     # An ordinary case keeps its bootstrap intervals and no method mark.
     noisy = bootstrap_ci(labels, np.random.default_rng(0).random(len(labels)), patients, 0.5, n_boot=200, seed=0)
     assert not any(k.endswith("_ci_method") for k in noisy) and noisy["roc_auc_ci"][0] < noisy["roc_auc_ci"][1]

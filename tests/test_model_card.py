@@ -7,7 +7,7 @@ import yaml
 
 from melanoma_siamese.cli import main
 from melanoma_siamese.config import load_config
-from melanoma_siamese.model_card import LICENCES, licence, model_card
+from melanoma_siamese.model_card import LICENCES, STATED, licence, model_card
 from melanoma_siamese.runfolder import RunFolder
 
 from inference_run import private_copy, shared_run
@@ -20,8 +20,9 @@ METRICS = {"threshold": {"classifier": 0.4321},
            "test": {"n": 200, "n_melanoma": 9, "roc_auc": 0.912, "roc_auc_ci": [0.85, 0.96], "sensitivity": 0.778,
                     "sensitivity_ci": [0.5, 1.0], "specificity": 0.8, "specificity_ci": [0.75, 0.85]},
            "calibration": {"method": "platt", "shown_at_prevalence": 0.02, "shown_prevalence_source": "training part",
-                           "threshold_shown": 0.1234,
-                           "test": {"ece_before": 0.3, "ece_after": 0.05, "brier_before": 0.2, "brier_after": 0.04}}}
+                           "threshold_shown": 0.1234, "fitted_prevalence": 0.025,
+                           "test": {"ece_before": 0.3, "ece_after": 0.05, "brier_before": 0.2, "brier_after": 0.04,
+                                    "melanoma_share": 0.045}}}
 GROUPS = {"min_melanoma": 5, "absent": ["skin type"], "groupings": {"sex": {
     "female": {"images": 120, "melanoma": 6, "too_few_to_say": False, "roc_auc": 0.93, "roc_auc_ci": [0.8, 0.99],
                "sensitivity": 0.83, "sensitivity_ci": [0.5, 1.0], "specificity": 0.81, "specificity_ci": [0.7, 0.9]},
@@ -36,13 +37,34 @@ def test_card_sections_and_numbers():
         assert heading in text
     assert "Images: 1000, of which 25 melanoma (2.5%)" in text
     assert "| natural prevalence | 200 | 9 | 0.912 (95% CI 0.850-0.960) |" in text
-    assert "ECE" not in text and "expected calibration error 0.300 before, 0.050 after" in text
+    assert "ECE" not in text and "expected calibration error 0.300 -> 0.050, Brier 0.200 -> 0.040" in text
+    # The figures are on the fitted prevalence's scale, said; 2% against 2.5% is near enough to need no warning.
+    assert "measured at the prevalence the calibration was fitted at, 2.5% (the test part has 4.5% melanoma)" in text
+    assert "not what these figures measure" not in text
     assert "| sex: male | 80 | 3 | too few to say" in text and "Not in the data: skin type." in text
     assert "not a medical device" in text and "CC BY-NC 4.0" in text
     assert "melanoma-siamese train --data /data/isic2020-jpg-256 --config runs/isic/config.yaml" in text
     assert "0.4321" in text and "abc123" in text
     assert f"Training seed: {load_config().runtime.seed} " in text
     assert "0.4321 on the classifier's raw score (the same cut as 0.1234 on the calibrated probability" in text
+
+
+def test_card_warns_that_calibration_figures_are_not_on_a_stated_prevalence():
+    cal = {**METRICS["calibration"], "fitted_prevalence": 0.245, "shown_at_prevalence": 0.02,
+           "shown_prevalence_source": STATED}
+    text = model_card("r", load_config(), INFO, {**METRICS, "calibration": cal}, GROUPS, None, generated=False)
+    assert ("The probabilities shown at 2.00% are not what these figures measure: they are rescaled for a "
+            "population with 2.00% melanoma, so on this data they read lower than its frequencies") in text
+
+
+def test_card_says_which_epoch_the_run_kept():
+    baseline = {"backbone_image_passes": 30912, "siamese_seconds": 305, "untrained_encoder_test_knn_auc": 0.8,
+                "epochs_run": 23, "kept_epoch": 15, "monitor": "knn_auc", "kept_value": 0.8731}
+    text = model_card("r", load_config(), INFO, METRICS, GROUPS, baseline, generated=False)
+    assert "- Stage 1 ran 23 epoch(s) and kept the weights of epoch 15 (the best validation knn_auc, 0.8731)" in text
+    # A run written before the record existed: no sentence rather than a wrong one.
+    old = {k: baseline[k] for k in ("backbone_image_passes", "siamese_seconds", "untrained_encoder_test_knn_auc")}
+    assert "kept the weights" not in model_card("r", load_config(), INFO, METRICS, GROUPS, old, generated=False)
 
 
 def test_licence_by_source():
@@ -61,9 +83,20 @@ def test_evaluate_writes_card_and_groups(tiny_data, tmp_path_factory):
     run = RunFolder(shared_run(tiny_data, tmp_path_factory))
     text = run.model_card.read_text()
     assert "## Metrics (test part)" in text and "generated" in text and str(run.root) in text
+    history = [json.loads(line) for line in run.history("siamese").read_text().splitlines()]
+    kept = [h["epoch"] for h in history if h.get("best")][-1]
+    assert f"- Stage 1 ran {history[-1]['epoch']} epoch(s) and kept the weights of epoch {kept} " in text
     report = json.loads(run.metrics_by_group.read_text())
     assert report["threshold"] == json.loads(run.thresholds.read_text())["classifier"]
     assert set(report) >= {"groupings", "absent", "min_melanoma"}
+
+
+def test_evaluate_with_a_relative_run_writes_absolute_paths(tiny_data, tmp_path_factory, monkeypatch):
+    run = private_copy(shared_run(tiny_data, tmp_path_factory), tmp_path_factory.mktemp("relative"))
+    monkeypatch.chdir(run.parent)
+    assert main(["evaluate", "--run", run.name, "--no-progress"]) == 0
+    text = RunFolder(run).model_card.read_text()
+    assert text.startswith(f"# Model card: {run.resolve()}") and f"--config {run.resolve()}/config.yaml" in text
 
 
 def test_external_card_keeps_training_and_scored_data_apart():

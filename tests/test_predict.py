@@ -10,7 +10,7 @@ from PIL import Image
 
 from melanoma_siamese.cli import main
 from melanoma_siamese.inference import Predictor, RetrievalIndex, load_run, predict_paths, val_pair_distances
-from melanoma_siamese.inputs import expand_inputs
+from melanoma_siamese.inputs import expand_inputs, read_image
 from melanoma_siamese.runfolder import RunFolder
 
 from inference_run import image_files, png_header_only, shared_run
@@ -63,6 +63,19 @@ def test_neighbours_are_the_exact_nearest_training_images(run, tiny_data):
         assert row["neighbour_1_id"] == image_id and row["neighbour_1_distance"] < 1e-5
         brute = sorted(1 - float(np.dot(emb, other)) for other in train.embeddings)[:4]
         assert np.allclose([row[f"neighbour_{n}_distance"] for n in range(1, 5)], brute, atol=1e-5)
+        # And the answer says so: its vote rests on its own training label.
+        assert row["known_case"] == image_id
+
+
+def test_an_image_the_model_was_trained_on_is_named_as_such(run, run_dir, tiny_data, capsys):
+    train_id, test_id = run.index.part("train").ids[0], run.index.part("val").ids[0]
+    paths = [tiny_data / "train-image" / "image" / f"{i}.jpg" for i in (train_id, test_id)]
+    assert main(["predict", "--run", str(run_dir), *map(str, paths), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"{paths[0]}: indistinguishable from training image {train_id}: the model was trained on it" in err
+    assert str(paths[1]) not in err  # a validation image is not a training image
+    answer = Predictor(run).answers(np.stack([read_image(p, run.config.data.image_size) for p in paths]))
+    assert answer[0]["known_case"]["id"] == train_id and answer[1]["known_case"] is None
 
 
 def test_bad_files_get_a_row_with_the_reason_and_a_nonzero_exit(run_dir, tiny_data, tmp_path, capsys):
@@ -82,7 +95,8 @@ def test_bad_files_get_a_row_with_the_reason_and_a_nonzero_exit(run_dir, tiny_da
     reasons = {p.split("/")[-1]: r for p, r in rows.loc[rows["status"] == "failed", "reason"].items()}
     assert "not an image" in reasons["notes.jpg"]
     assert reasons["truncated.jpg"]
-    assert "too large" in reasons["bomb.png"]
+    # Past Pillow's own limit too, the tool's words and limit, not only Pillow's.
+    assert reasons["bomb.png"].startswith("image dimensions exceed the limit of 64000000 pixels")
     assert "does not exist" in reasons["absent.jpg"]
     assert f"4 of 7 file(s) could not be used; the reason for each is in the `reason` column of {out}" in \
         capsys.readouterr().err
@@ -91,6 +105,13 @@ def test_bad_files_get_a_row_with_the_reason_and_a_nonzero_exit(run_dir, tiny_da
     printed = capsys.readouterr()
     assert "FAILED" in printed.out and "not an image" in printed.out.splitlines()[-1]
     assert "the last column of the table above (FAILED rows)" in printed.err
+
+
+def test_a_pixel_limit_pillow_would_not_honour_is_refused_before_loading(run_dir, tiny_data, capsys):
+    image = str(image_files(tiny_data)[0])
+    for command in (["predict", "--run", str(run_dir), image], ["pair", "--run", str(run_dir), image, image]):
+        assert main([*command, "--max-megapixels", "500"]) == 2
+        assert "--max-megapixels 500: must be above 0 and at most 179" in capsys.readouterr().err
 
 
 def test_csv_list_batches_and_progress_bar(run, run_dir, tiny_data, tmp_path, capsys, monkeypatch):
@@ -122,7 +143,21 @@ def test_files_and_a_csv_list_with_saliency_overlays(run_dir, tiny_data, tmp_pat
     written = rows["saliency"].tolist()
     assert sorted(map(str, maps.iterdir())) == sorted(written)
     with Image.open(written[0]) as image:
-        assert image.size == (32, 32) and image.mode == "RGB"
+        assert image.size[0] > 2 * 32 and image.mode in ("RGB", "RGBA")
+
+
+def test_saliency_figures_are_readable_and_the_csv_notes_the_stage(run, tiny_data, tmp_path):
+    from melanoma_siamese.saliency import choose_stage
+
+    paths = image_files(tiny_data)[:2]
+    rows = predict_paths(Predictor(run), paths, saliency_dir=tmp_path / "maps")
+    stage, _ = choose_stage(run.encoder, run.config.data.image_size)
+    for row in rows:
+        # The note sits next to the path: the stage and its resolution, as the server's caption states them.
+        assert list(row)[-2:] == ["saliency", "saliency_note"] and stage.describe() in row["saliency_note"]
+        with Image.open(row["saliency"]) as image:
+            # The image and its overlay side by side, each at least 256 px, over a caption: not a bare 32 px overlay.
+            assert image.size[0] >= 2 * 256 and image.size[1] > 256
 
 
 def test_gradcam_follows_the_melanoma_logit():
@@ -223,28 +258,9 @@ def test_prevalence_moves_the_probability_and_its_threshold_together(run, tiny_d
         Predictor(run, prevalence=1.5)
 
 
-def test_terminal_probability_shows_which_side_of_the_threshold_it_is():
-    from melanoma_siamese.predict import _beside
-
-    assert _beside(0.5, 0.2) == "0.5000"
-    assert _beside(0.278812, 0.278834) == "0.27881"  # 0.2788 beside a 0.2788 threshold would hide the order
-    assert _beside(0.2, 0.2) == "0.2000"
-    assert _beside(0.3 - 1e-12, 0.3).endswith("-") and _beside(0.3 + 1e-12, 0.3).endswith("+")
-
-
-def test_distances_keep_three_significant_digits_without_an_exponent():
-    from melanoma_siamese.familiarity import distance_text
-
-    assert distance_text(0.1234) == "0.1234" and distance_text(0.0092) == "0.00920"
-    assert distance_text(0.0000213) == "0.0000213" and distance_text(1.2e-9) == "0.00000000"
-    assert distance_text(0.0) == "0.0000" and distance_text(1.5) == "1.5000"
-    # Half up on the exact value, as the page's toFixed rounds (Python's format would give 0.0312 and 0.1562).
-    assert distance_text(0.03125) == "0.0313" and distance_text(0.15625) == "0.1563"
-
-
 def test_terminal_shows_a_low_threshold_and_the_votes_decision_legibly(run, tiny_data, capsys):
     """At a low prevalence the threshold has more than four decimals; a kNN vote at its threshold is a 'mel'."""
-    from melanoma_siamese.familiarity import distance_text
+    from melanoma_siamese.display import distance_text
     from melanoma_siamese.predict import _header, _terminal_table
 
     predictor = Predictor(run, prevalence=0.001)

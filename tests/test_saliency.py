@@ -6,7 +6,8 @@ import torch
 
 from melanoma_siamese.config import load_config
 from melanoma_siamese.models import Classifier, Encoder
-from melanoma_siamese.saliency import (MIN_CELLS, choose_stage, saliency_maps, saliency_overlays,
+from melanoma_siamese.saliency import (BELOW_THRESHOLD, FOR_MELANOMA, MIN_CELLS, NO_EVIDENCE, SaliencyStage,
+                                       caption, choose_stage, figure, note, saliency_maps, saliency_overlays,
                                        saliency_with_stage, stage_sizes)
 
 
@@ -58,3 +59,52 @@ def test_maps_and_overlays_of_a_loaded_run(resnet):
     assert evidence == [bool(m.max() > 0) for m in maps]
     assert np.array_equal(saliency_overlays(run, pixels)[1], overlays[1])
     assert resnet[0].training is False
+
+
+LAYER2 = SaliencyStage("layer2", 8, 64)
+
+
+def answer(probability: float, threshold: float = 0.2389, flagged: bool = False) -> dict:
+    return {"probability": probability, "threshold": threshold, "calibrated": True, "prevalence": 0.2457,
+            "decision": "melanoma" if probability >= threshold else "not melanoma", "unfamiliar": {"flag": flagged},
+            "trained_on_generated_images": False}
+
+
+def test_caption_of_a_benign_answer_says_the_map_is_not_a_finding():
+    lines = caption("lesion.jpg", answer(0.0048, flagged=True), LAYER2, True)
+    text = " ".join(lines)
+    assert lines[0] == "lesion.jpg"
+    assert "P(melanoma) 0.0048" in text and "24.57% melanoma prevalence" in text and "not melanoma" in text
+    assert "threshold 0.2389" in text and "UNFAMILIAR" in text
+    assert LAYER2.describe() in text and "drawn 4x larger (nearest neighbour)" in text
+    assert BELOW_THRESHOLD in lines and FOR_MELANOMA in lines and NO_EVIDENCE not in lines
+
+
+def test_caption_above_the_threshold_and_without_evidence():
+    above = caption("a.png", answer(0.70), LAYER2, True)
+    assert "-> melanoma" in above[1] and BELOW_THRESHOLD not in above and FOR_MELANOMA in above
+    assert not any("UNFAMILIAR" in line for line in above)
+    empty = caption("a.png", answer(0.0048), LAYER2, False)
+    # An all-zero map is said to be empty, not drawn as a map of "the little evidence there is".
+    assert NO_EVIDENCE in empty and BELOW_THRESHOLD not in empty and FOR_MELANOMA not in empty
+    raw = caption("a.png", {**answer(0.3), "calibrated": False, "prevalence": None}, LAYER2, True)
+    assert "raw score, not calibrated" in raw[1]
+
+
+def test_note_names_the_stage_and_an_empty_map():
+    assert note(LAYER2, True) == LAYER2.describe() + "."
+    assert note(LAYER2, False).endswith(NO_EVIDENCE) and "8x8" in note(LAYER2, False)
+
+
+@pytest.mark.parametrize("evidence", [True, False])
+def test_figure_is_drawn_larger_than_the_model_input_with_its_caption(tmp_path, evidence):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels, heat = (rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2))
+    short, long = tmp_path / "short.png", tmp_path / "long.png"
+    figure(pixels, heat, caption("a.jpg", answer(0.0048), LAYER2, evidence), evidence, short)
+    figure(pixels, heat, caption("b" * 300 + ".jpg", answer(0.0048), LAYER2, evidence), evidence, long)
+    with Image.open(short) as a, Image.open(long) as b:
+        # Two 256 px panels side by side; a long file name wraps onto more lines instead of running off the edge.
+        assert a.size[0] >= 2 * 256 and a.size[1] > 256 + 100 and b.size[0] == a.size[0] and b.size[1] > a.size[1]

@@ -109,6 +109,27 @@ def test_corrupt_image_is_400(client, tiny_data):
         assert "corrupt" in answer.json()["detail"] or "cannot be read" in answer.json()["detail"]
 
 
+def test_a_parameter_the_route_does_not_take_is_refused_not_ignored(client, tiny_data):
+    good = image_files(tiny_data)[0].read_bytes()
+    answer = upload(client, good, prevalence=0.02)
+    detail = answer.json()["detail"]
+    assert answer.status_code == 422 and "/api/predict does not take 'prevalence'" in detail
+    assert "serve --prevalence P" in detail
+    assert upload(client, good, neighbours=2).status_code == 200
+    files = [("files", ("a.jpg", good, "image/jpeg")), ("files", ("b.jpg", good, "image/jpeg"))]
+    for data, field in (({"sex": "alien"}, "sex"), ({"site": "moon"}, "site"), ({"age": "300"}, "age")):
+        answer = client.post("/api/patient", files=files, data=data)
+        assert answer.status_code == 422 and answer.json()["detail"].startswith(f"form field '{field}': ")
+    assert "expected female or male" in client.post("/api/patient", files=files, data={"sex": "alien"}).text
+    assert client.post("/api/patient", files=files, data={"sex": "Female", "site": "back"}).status_code == 200
+
+
+def test_a_training_image_is_named_as_one(client, run_dir, tiny_data):
+    train_id = str(load_run(run_dir, "cpu").index.part("train").ids[0])
+    answer = upload(client, (tiny_data / "train-image" / "image" / f"{train_id}.jpg").read_bytes()).json()
+    assert answer["known_case"]["id"] == train_id and "not a test of the model" in answer["known_case"]["note"]
+
+
 def test_upload_size_limit_default_20_mb_gives_413(client):
     assert DEFAULT_MAX_UPLOAD_BYTES == 20 * MB
     just_over = upload(client, b"\0" * (20 * MB + 10))  # passes the body limit, fails the file limit
@@ -321,7 +342,7 @@ def test_browser_uploads_an_image_and_sees_the_apis_answer(app, tiny_data, tmp_p
     chromium = _chromium()
     from playwright.sync_api import sync_playwright
 
-    from melanoma_siamese.familiarity import distance_text
+    from melanoma_siamese.display import distance_text
 
     image, noise = image_files(tiny_data)[3], _noise_png(tmp_path)
     real = next(iter(sorted((HAM / "train-image" / "image").glob("*.jpg"))), None) if HAM.is_dir() else None
@@ -351,11 +372,13 @@ def test_browser_uploads_an_image_and_sees_the_apis_answer(app, tiny_data, tmp_p
             saliency = page.eval_on_selector("#saliency", "i => i.complete && i.naturalWidth")
             caption = page.inner_text("#saliency-caption")
             familiar_hidden = page.is_hidden("#unfamiliar")
+            known = page.is_visible("#known") and page.inner_text("#known")
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
             _upload_in_page(page, image, 2)  # the same file chosen again is scored again
             _upload_in_page(page, noise, 3)
             noise_warning = page.is_visible("#unfamiliar") and page.inner_text("#unfamiliar")
             noise_familiarity = page.inner_text("#familiarity")
+            noise_known = page.is_visible("#known")
             page.screenshot(path=str(tmp_path / "unfamiliar.png"), full_page=True)
             real_warning = None
             if real is not None:  # a real dermoscopic photo, to a run trained on generated cartoons
@@ -377,6 +400,9 @@ def test_browser_uploads_an_image_and_sees_the_apis_answer(app, tiny_data, tmp_p
             if (tmp_path / name).is_file():
                 shutil.copy(tmp_path / name, os.path.join(shots, name))
     assert raw == expected["probability"]
+    # A training image sent back is named as one (its vote counts its own label); nothing is said of the noise.
+    assert known == (expected["known_case"] and f"This image is {expected['known_case']['note']}.")
+    assert not noise_known and expected_noise["known_case"] is None
     assert (shown, threshold) == _percent_pair(expected["probability"], expected["threshold"])
     assert _percent(expected["prevalence"]) in assumed
     above = float(shown.split("%")[0]) > float(threshold[:-1]) or "just above" in shown

@@ -166,7 +166,8 @@ def report(cal: Calibration, labels: np.ndarray, scores: np.ndarray, bins: int =
     labels = np.asarray(labels).astype(int)
     raw = np.asarray(scores, dtype=np.float64)
     calibrated = apply(cal, raw)
-    return {"method": cal.method, "n": int(len(labels)), "ece_bins": bins, "ece_binning": "equal-width",
+    return {"method": cal.method, "n": int(len(labels)), "melanoma_share": float(labels.mean()), "ece_bins": bins,
+            "ece_binning": "equal-width",
             "brier_before": float(brier_score_loss(labels, raw)),
             "brier_after": float(brier_score_loss(labels, calibrated)),
             "ece_before": expected_calibration_error(labels, raw, bins),

@@ -16,7 +16,7 @@ from .data.prepare import Prepared, balanced_test_ids
 from .engine import embed, melanoma_probability
 from .features import model_input
 from .inference import LoadedRun, RetrievalIndex, load_run
-from .model_card import shown_by
+from .model_card import calibration_measured, shown_by
 from .metrics import binary_report, bootstrap_ci, choose_threshold, interval_text, knn_probabilities
 from .runfolder import RunFolder, write_text_atomic
 
@@ -109,12 +109,16 @@ def _plots(frame_test: pd.DataFrame, test_emb: np.ndarray, metrics: dict, out: R
     plots.pr_curves(curves, out.image("pr_curve.png"), where)
     if len(np.unique(y)) == 2:
         raw = frame_test["prob_melanoma"].to_numpy()
-        scores = {"raw score": raw}
+        scores, caption = {"raw score": raw}, "Raw score only: the run has no calibration."
         if calibration is not None:
             from .calibration import apply
 
+            # At the prevalence it was fitted at, as the caption says, not at the one shown (--prevalence).
             scores[f"calibrated ({calibration.method}, on validation)"] = apply(calibration, raw)
-        plots.reliability_before_after(y, scores, out.image("reliability.png"), title=f"Reliability, {where}")
+            caption = plots.calibration_caption(calibration.method, calibration.prevalence, float(y.mean()), where,
+                                                cal.get("shown_at_prevalence"), shown_by(cal))
+        plots.reliability_before_after(y, scores, out.image("reliability.png"), title=f"Reliability, {where}",
+                                       caption=caption)
     if len(y) >= 5:
         plots.embedding_map(test_emb, y, out.image("embedding_map.png"), seed, where=where)
         plots.distance_histograms(test_emb[:3000], y[:3000], out.image("distance_hist.png"), where)
@@ -304,8 +308,9 @@ def _groups_and_card(run: LoadedRun, out: RunFolder, test: pd.DataFrame, prepare
     by_group.print_groups(report, log, f"--- {'Test results' if external is None else 'Results, ' + where} by group "
                                        f"(threshold {report['threshold']:.4f}"
                                        f"{threshold_scale(metrics)}; patient-bootstrap 95% CIs) ---")
-    card = model_card(str(run.folder.root), run.config, run.folder.run_info(), _clean(metrics), _clean(report),
-                      run.folder.read_baseline(), run.generated, external)
+    # Absolute: the card's reproduce commands must work from wherever it is read, not only from evaluate's folder.
+    card = model_card(str(run.folder.root.resolve()), run.config, run.folder.run_info(), _clean(metrics),
+                      _clean(report), run.folder.read_baseline(), run.generated, external)
     write_text_atomic(out.model_card, card)
 
 
@@ -351,11 +356,9 @@ def _report_trust(metrics: dict, log: Log) -> None:
     """The calibration and the unfamiliar-image rule, in a line each."""
     cal = metrics.get("calibration")
     if cal and "test" in cal:
-        c = cal["test"]
-        log(f"Calibration ({cal['method']}, fitted on validation) on test: ECE {c['ece_before']:.3f} -> "
-            f"{c['ece_after']:.3f}, Brier {c['brier_before']:.3f} -> {c['brier_after']:.3f}; probabilities shown "
-            f"for a prevalence of {100 * cal['shown_at_prevalence']:.2f}% ({cal['shown_prevalence_source']}), "
-            f"threshold on that scale {cal['threshold_shown']:.4f}")
+        log(f"Calibration ({cal['method']}, fitted on validation): probabilities shown for a prevalence of "
+            f"{100 * cal['shown_at_prevalence']:.2f}% ({cal['shown_prevalence_source']}), threshold on that scale "
+            f"{cal['threshold_shown']:.4f}. On test: {calibration_measured(cal)}")
     rule = metrics.get("unfamiliar")
     if rule:
         shares = ", ".join(f"{100 * v:.1f}% of {part}" for part, v in rule["flagged_share"].items())

@@ -28,15 +28,14 @@ OPSET = 17
 
 
 def export_onnx(run, path: Path, opset: int = OPSET) -> Path:
-    """Write the run's encoder + classifier (a LoadedRun) as one ONNX file."""
+    """Write the run's encoder + classifier (a LoadedRun) as one ONNX file; `export` adds score_metadata."""
     from .inference import PixelModel
     from .timm_backbone import fixed_input_size
 
     encoder = copy.deepcopy(run.encoder).cpu()
     fixed_input_size(encoder, run.config.data.image_size)
     model = PixelModel(encoder, copy.deepcopy(run.classifier).cpu(), run.config.data.mean, run.config.data.std).eval()
-    export_pixel_model(model, run.config.data.image_size, path, opset)
-    return describe_model(path, score_metadata(run))
+    return export_pixel_model(model, run.config.data.image_size, path, opset)
 
 
 def score_metadata(run) -> dict[str, str]:
@@ -64,7 +63,8 @@ def score_metadata(run) -> dict[str, str]:
 
 
 def describe_model(path: Path, metadata: dict[str, str]) -> Path:
-    """Write `metadata` into the ONNX file's metadata_props (onnxruntime: session.get_modelmeta().custom_metadata_map)."""
+    """Write `metadata` into the ONNX file's metadata_props (read back with onnxruntime:
+    session.get_modelmeta().custom_metadata_map)."""
     import onnx
 
     model = onnx.load(str(path))
@@ -146,7 +146,7 @@ def _export_onnx(run, path: Path, opset: int, pixels: np.ndarray, what: str) -> 
 
     if find_spec("onnx") is None:
         raise ConfigError("export --format onnx needs the onnx package: pip install 'melanoma-siamese[export]'")
-    export_onnx(run, path, opset)
+    describe_model(export_onnx(run, path, opset), score_metadata(run))
     size = run.config.data.image_size
     print(f"Wrote {path} (input `images`: uint8 N x {size} x {size} x 3 RGB; outputs `embedding` and `score`)")
     print(_score_sentence(run))

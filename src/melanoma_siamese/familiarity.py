@@ -20,7 +20,6 @@ Imports no torch: it works on embeddings from either engine (PyTorch or ONNX).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
 from typing import Union
 
 import numpy as np
@@ -33,14 +32,6 @@ METHOD = "mean cosine distance (1 - cos) to the k nearest training images"
 _CHUNK = 1024
 # Grey levels are measured on at most about this many pixels per side (a strided sample: cheap on 60 MP).
 _STD_SAMPLE_SIDE = 512
-
-
-def distance_text(d: float) -> str:
-    """A distance with three significant digits, never in exponent form, rounded half up on the exact value as
-    JavaScript's toFixed does (the page's distanceText gives the same string): a tightly trained space puts a
-    typical image 0.00002 from its neighbours, and "0.0000" would read as a copy of a training image."""
-    decimals = next((n for n in range(4, 8) if d == 0 or abs(d) >= 10 ** (2 - n)), 8)
-    return f"{Decimal(float(d)).quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP):f}"
 
 
 def _normalised(embeddings: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
-from .metrics import NO_WIDTH, bootstrap_ci, interval_text
+from .metrics import NO_WIDTH, WILSON_NOTE, bootstrap_ci, interval_text, is_wilson
 
 # Fewer melanomas than this in a group (or no benign image) and its numbers say nothing: flagged, not hidden.
 MIN_MELANOMA = 5
@@ -105,6 +105,9 @@ def table_lines(report: dict) -> list[str]:
             else:
                 lines.append(head + f"{_interval(r, 'roc_auc'):<18} {_interval(r, 'sensitivity'):<18} "
                              f"{_interval(r, 'specificity')}")
+    if any(is_wilson(r, key) for groups in report["groupings"].values() for r in groups.values()
+           for key in ("sensitivity", "specificity")):
+        lines.append(f"* {WILSON_NOTE}")
     if report["absent"]:
         lines.append(f"Not in the data: {', '.join(report['absent'])}")
     return lines

@@ -15,7 +15,6 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from .checkpoint import load_model
@@ -29,6 +28,9 @@ from .runfolder import RunFolder, Thresholds
 LABEL_NAMES = ("not melanoma", "melanoma")
 ENGINES = ("torch", "onnxruntime")
 DEFAULT_NEIGHBOURS = 5
+# Closer than this to a training image, the model cannot tell the two apart (pair says the same): the image is,
+# to the model, that training image, and its answer and kNN vote rest on a label it was trained on.
+KNOWN_DISTANCE = 1e-6
 # predict's threads that describe answers while the model scores the next chunk (half the cores, 2 to 8).
 DESCRIBE_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))
 VAL_PAIR_SAMPLE = 3000
@@ -311,7 +313,8 @@ def unfamiliar_flags(run: LoadedRun, embeddings: np.ndarray, appearance: np.ndar
 def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray, pixels: np.ndarray) -> list[dict]:
     """Per image: distance to the nearest training images and its percentile among validation images, in the
     embedding and in appearance; flagged when either is beyond its cut."""
-    from .familiarity import appearance_features, distance_text
+    from .display import distance_text
+    from .familiarity import appearance_features
 
     rule = run.familiarity
     if rule is None:
@@ -362,8 +365,18 @@ def describe(run: LoadedRun, pixels: np.ndarray, scored: tuple[np.ndarray, np.nd
                     "prevalence_source": prevalence_source, "unfamiliar": familiar[i],
                     "trained_on_generated_images": run.generated,
                     "knn_probability": float(vote), "knn_decision": LABEL_NAMES[int(vote >= t.knn)],
-                    "knn_threshold": t.knn, "similar": similar[i]})
+                    "knn_threshold": t.knn, "similar": similar[i], "known_case": known_case(similar[i])})
     return out
+
+
+def known_case(similar: list[dict]) -> Optional[dict]:
+    """The training image this one cannot be told apart from (its nearest, within KNOWN_DISTANCE), or None."""
+    nearest = similar[0] if similar else None
+    if nearest is None or nearest["distance"] >= KNOWN_DISTANCE:
+        return None
+    return {"id": nearest["id"], "label_name": nearest["label_name"],
+            "note": f"indistinguishable from training image {nearest['id']} ({nearest['label_name']}): the model was "
+                    "trained on this image or a copy, so its answer and kNN vote are not a test of the model"}
 
 
 def similar_cases(run: LoadedRun, embeddings: np.ndarray, k: int) -> list[list[dict]]:
@@ -375,7 +388,8 @@ def similar_cases(run: LoadedRun, embeddings: np.ndarray, k: int) -> list[list[d
               "distance": float(d)} for j, d in zip(row, dist)] for row, dist in zip(order, distances)]
 
 
-def flat_row(path: Path, result: Optional[dict], reason: str = "", saliency: str = "") -> dict:
+def flat_row(path: Path, result: Optional[dict], reason: str = "", saliency: str = "",
+             saliency_note: str = "") -> dict:
     """One CSV row of `predict`: the answer with its neighbours spread over numbered columns."""
     row = {"path": str(path), "status": "ok" if result else "failed", "reason": reason}
     if result:
@@ -389,11 +403,13 @@ def flat_row(path: Path, result: Optional[dict], reason: str = "", saliency: str
                     "unfamiliar_texture_percentile": u["appearance_percentile"]})
         row.update({k: result[k] for k in ("knn_probability", "knn_decision", "knn_threshold",
                                            "trained_on_generated_images")})
+        row["known_case"] = (result.get("known_case") or {}).get("id", "")
         for n, s in enumerate(result["similar"], 1):
             row.update({f"neighbour_{n}_id": s["id"], f"neighbour_{n}_label": s["label"],
                         f"neighbour_{n}_distance": s["distance"]})
         if saliency:
             row["saliency"] = saliency
+            row["saliency_note"] = saliency_note
     return row
 
 
@@ -452,28 +468,31 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], neighbours: int =
 
 def _chunk_rows(run: LoadedRun, chunk: Sequence[Path], item: tuple, saliency_dir: Optional[Path]) -> list[dict]:
     """The rows of one chunk of predict_paths (`item`: its start, decoded images, which decoded, their pixels, its
-    answers being described), with its saliency maps written."""
+    answers being described), with its saliency figures written."""
     start, decoded, good, pixels, answers = item
     results = dict(zip(good, answers.result())) if good else {}
-    overlays: dict[int, str] = {}
+    figures: dict[int, tuple[str, str]] = {}
     if good and saliency_dir is not None:
-        overlays = dict(zip(good, write_saliency(run, pixels, [chunk[i] for i in good], saliency_dir,
-                                                 start + np.array(good))))
-    return [flat_row(path, results.get(i), decoded[i][1], overlays.get(i, "")) for i, path in enumerate(chunk)]
+        figures = dict(zip(good, write_saliency(run, pixels, [chunk[i] for i in good], saliency_dir,
+                                                start + np.array(good), [results[i] for i in good])))
+    return [flat_row(path, results.get(i), decoded[i][1], *figures.get(i, ("", ""))) for i, path in enumerate(chunk)]
 
 
 def write_saliency(run: LoadedRun, pixels: np.ndarray, paths: Sequence[Path], out_dir: Path,
-                   numbers: np.ndarray) -> list[str]:
-    """Grad-CAM overlays as PNG files in out_dir, one per image; their paths."""
-    from .saliency import saliency_overlays
+                   numbers: np.ndarray, answers: Sequence[dict]) -> list[tuple[str, str]]:
+    """A Grad-CAM figure per image in out_dir (image and overlay side by side, colour bar, a caption with the
+    image's answer and the stage); per image its path and the one-line note on the map."""
+    from .saliency import caption, figure, note, saliency_with_stage
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    found = saliency_with_stage(run, pixels)
     written = []
-    for overlay, path, number in zip(saliency_overlays(run, pixels), paths, numbers):
+    for i, (path, number, answer) in enumerate(zip(paths, numbers, answers)):
         # The running number keeps two inputs called image.jpg in different folders apart.
         target = out_dir / f"{int(number):05d}_{path.stem}_gradcam.png"
-        Image.fromarray(overlay).save(target)
-        written.append(str(target))
+        lines = caption(path.name, answer, found.stage, found.evidence[i])
+        figure(pixels[i], found.overlays[i], lines, found.evidence[i], target)
+        written.append((str(target), note(found.stage, found.evidence[i])))
     return written
 
 

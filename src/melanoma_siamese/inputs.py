@@ -21,6 +21,17 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 64_000_000
 
 
+def max_pixels_option(megapixels: float, flag: str = "--max-megapixels") -> int:
+    """The pixel limit a user gave in megapixels, checked: above Pillow's own limit (twice
+    Image.MAX_IMAGE_PIXELS, about 179 MP) Pillow refuses the image whatever ours says."""
+    ceiling = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    pixels = int(megapixels * 1e6)
+    if pixels < 1 or (ceiling and pixels > ceiling):
+        raise ConfigError(f"{flag} {megapixels:g}: must be above 0 and at most {ceiling / 1e6:.0f} (Pillow refuses "
+                          "larger images as a possible decompression bomb)")
+    return pixels
+
+
 def decode_image(path: str | Path | io.BytesIO, size: int) -> tuple[np.ndarray, list[str]]:
     """RGB uint8 array of size x size, and the conversions it needed. Raises on unreadable files."""
     notes: list[str] = []
@@ -44,12 +55,12 @@ def decode_image(path: str | Path | io.BytesIO, size: int) -> tuple[np.ndarray, 
         return np.asarray(image, dtype=np.uint8), notes
 
 
-def _header_size(handle) -> tuple[int, int]:
+def _header_size(handle, max_pixels: int) -> tuple[int, int]:
     try:
         with Image.open(handle) as image:
             return image.size
-    except Image.DecompressionBombError as exc:
-        raise ImageRejected(f"image dimensions are too large ({exc})", 413) from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own, larger limit, met before ours can be checked
+        raise ImageRejected(f"image dimensions exceed the limit of {max_pixels} pixels (Pillow: {exc})", 413) from exc
     except FileNotFoundError as exc:
         raise ImageRejected("file does not exist", 404) from exc
     except IsADirectoryError as exc:
@@ -88,7 +99,7 @@ def read_image(source: str | Path | bytes, size: int, max_pixels: int = DEFAULT_
     """size x size x 3 uint8 from a path or bytes; ImageRejected (with the reason) for anything unusable:
     unreadable, larger than max_pixels, or (with `checks`) too small or too flat to be a photo."""
     handle = io.BytesIO(source) if isinstance(source, bytes) else source
-    width, height = _header_size(handle)
+    width, height = _header_size(handle, max_pixels)
     # Checked from the header before decoding, so a small file claiming huge dimensions costs nothing.
     if width * height > max_pixels:
         raise ImageRejected(f"image dimensions {width} x {height} exceed the limit of {max_pixels} pixels", 413)

@@ -144,7 +144,18 @@ def interval_text(report: dict, key: str, digits: int = 3, prefix: str = "95% CI
         return " (no interval: every patient resample gave this value)"
     if not ci or not all(v is not None and np.isfinite(v) for v in ci):
         return ""
+    if is_wilson(report, key):  # not the bootstrap interval a heading says: marked ("*" where space is short)
+        note += ", Wilson" if prefix else "*"
     return f" ({prefix}{ci[0]:.{digits}f}-{ci[1]:.{digits}f}{note})"
+
+
+def is_wilson(report: dict, key: str) -> bool:
+    """Whether `key`'s interval is the Wilson interval of its counts (see _degenerate_intervals)."""
+    return str(report.get(f"{key}_ci_method", "")).startswith("Wilson")
+
+
+WILSON_NOTE = ("Wilson interval of the counts, not the patient bootstrap: a sensitivity or specificity of exactly "
+               "0 or 1, where every resample agrees")
 
 
 def paired_bootstrap_auc(labels: np.ndarray, probs_a: np.ndarray, probs_b: np.ndarray, groups: np.ndarray,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .config import Config
-from .familiarity import distance_text
+from .display import distance_text
 
 STATED = "stated with --prevalence"
 
@@ -20,6 +20,33 @@ def shown_by(cal: dict) -> str:
     if cal.get("shown_prevalence_source") == STATED:
         return f"predict --prevalence {cal['shown_at_prevalence']!r}"
     return "predict"
+
+
+def calibration_measured(cal: dict, part: str = "test", spelled: bool = False) -> str:
+    """Brier and ECE on a part, with the scale they were measured on: the prevalence the calibration was fitted
+    at. Probabilities shown at a prevalence far from the data's own (evaluate --prevalence 0.02 on a part with 25%
+    melanoma) read low against this data by design; a reader must not take these figures for theirs."""
+    c, fitted, shown = cal[part], cal.get("fitted_prevalence"), cal.get("shown_at_prevalence")
+    ece = "expected calibration error" if spelled else "ECE"
+    text = (f"{ece} {c['ece_before']:.3f} -> {c['ece_after']:.3f}, Brier {c['brier_before']:.3f} -> "
+            f"{c['brier_after']:.3f} (raw score -> calibrated)")
+    if fitted is None:  # a record written before the fitted prevalence was kept
+        return text
+    text += f", measured at the prevalence the calibration was fitted at, {100 * fitted:.1f}%"
+    if c.get("melanoma_share") is not None:
+        text += f" (the {part} part has {100 * c['melanoma_share']:.1f}% melanoma)"
+    if shown is not None and abs(_log_odds(shown) - _log_odds(fitted)) > 0.25:  # odds apart by over 1.28x
+        text += (f". The probabilities shown at {100 * shown:.2f}% are not what these figures measure: they are "
+                 f"rescaled for a population with {100 * shown:.2f}% melanoma, so on this data they read "
+                 f"{'lower' if shown < fitted else 'higher'} than its frequencies by design; check them on data "
+                 "from that population")
+    return text
+
+
+def _log_odds(p: float) -> float:
+    import math
+
+    return math.log(p / (1 - p))
 
 LICENCES = {
     "generated": "none needed: generated cartoons written by `melanoma-siamese synth`, not photographs",
@@ -98,6 +125,11 @@ def _recipe_section(config: Config, baseline: Optional[dict]) -> list[str]:
         lines.append(f"- Spent: {baseline.get('backbone_image_passes', 'n/a')} backbone image passes, "
                      f"{baseline.get('siamese_seconds', 0):.0f} s in stage 1; untrained-encoder kNN ROC AUC on "
                      f"test {baseline.get('untrained_encoder_test_knn_auc', float('nan')):.3f}")
+    if baseline and "kept_epoch" in baseline:
+        value = baseline.get("kept_value")
+        lines.append(f"- Stage 1 ran {baseline['epochs_run']} epoch(s) and kept the weights of epoch "
+                     f"{baseline['kept_epoch']} (the best validation {baseline['monitor']}"
+                     + ("" if value is None else f", {value:.4g}") + "); every epoch is in `history_siamese.jsonl`")
     return lines + [""]
 
 
@@ -154,17 +186,17 @@ def _calibration_section(metrics: dict, where: str = "test part") -> list[str]:
     if cal.get("shown_prevalence_source") == STATED:
         lines.append(f"`predict` and `serve` show the run's own prevalence unless given the same: `{shown_by(cal)}`.")
     if "test" in cal:
-        c = cal["test"]
-        lines.append(f"On the {where}: expected calibration error {c['ece_before']:.3f} before, {c['ece_after']:.3f} after; "
-                     f"Brier {c['brier_before']:.3f} before, {c['brier_after']:.3f} after.")
+        lines.append(f"On the {where}: {calibration_measured(cal, spelled=True)}.")
     return lines + [""]
 
 
 def _groups_section(groups: Optional[dict], where: str = "test part") -> list[str]:
     if not groups or not groups.get("groupings"):
         return ["## Results by group", "", "The data has no sex, age, site or skin type to group by.", ""]
-    lines = ["## Results by group", "", f"{where[0].upper() + where[1:]}, same threshold; groups with fewer than "
-             f"{groups['min_melanoma']} "
+    from .metrics import WILSON_NOTE
+
+    lines = ["## Results by group", "", f"{where[0].upper() + where[1:]}, same threshold, 95% patient-bootstrap "
+             f"intervals (those marked Wilson: {WILSON_NOTE}); groups with fewer than {groups['min_melanoma']} "
              "melanomas are marked too few to say (their counts stay).", "",
              "| group | images | melanoma | ROC AUC | sensitivity | specificity |", "| --- | --- | --- | --- | --- | --- |"]
     for grouping, found in groups["groupings"].items():

@@ -1,8 +1,9 @@
 """Figures from numbers (Agg backend): each function takes what it draws and a path, and writes a PNG."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import matplotlib
 
@@ -21,8 +22,26 @@ CURVE_STYLES = ({"ls": "-", "lw": 3.2, "alpha": 0.55}, {"ls": "--", "lw": 1.6, "
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # "tight": a caption or legend below the axes, or a long title, is saved whole rather than cut at the edge.
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """`text` wrapped to about `width_in` inches at `fontsize`, keeping the line breaks it has."""
+    # 0.6 em: about the widest average character of the default font (digits), so a line never runs over.
+    chars = max(20, int(width_in * 72 / (0.6 * fontsize)))
+    # Whole words only: a command's flag (--prevalence) must not be split at its hyphens.
+    return "\n".join(textwrap.fill(line, chars, break_long_words=False, break_on_hyphens=False) or line
+                     for line in text.split("\n"))
+
+
+def _caption(ax, text: str, width_in: float, fontsize: float = 7, below=None):
+    """Wrapped text under the axes' x label, or under the artist `below` (a legend there); inside the layout,
+    so the saved figure keeps it."""
+    where = (0, -34, "axes fraction") if below is None else (0, -4, below)
+    return ax.annotate(_wrap(text, width_in, fontsize), xy=(0, 0), xycoords=where[2], xytext=where[:2],
+                       textcoords="offset points", ha="left", va="top", fontsize=fontsize, color="dimgrey")
 
 
 def loss_curves(history: Sequence[dict], path: Path, title: str, extra: Sequence[str] = ()) -> None:
@@ -52,15 +71,19 @@ def loss_curves(history: Sequence[dict], path: Path, title: str, extra: Sequence
     best = [h["epoch"] for h in history if h.get("best")]
     if best:
         ax.axvline(best[-1], color="grey", lw=0.8, ls=":")
-        lines, names = lines + [ax.get_lines()[-1]], names + ["best epoch"]
+        lines, names = lines + [ax.get_lines()[-1]], names + [f"kept epoch ({best[-1]})"]
     # Below the axes: inside, it would cover curves that run through every corner.
     ax.legend(lines, names, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(lines),
               frameon=False)
     _save(fig, path)
 
 
-def validation_metrics(history: Sequence[dict], keys: Sequence[str], path: Path) -> None:
-    """Metrics in [0, 1] and mean cosine similarities (which go down to -1) per epoch, on one axis."""
+def validation_metrics(history: Sequence[dict], keys: Sequence[str], path: Path,
+                       monitor: Optional[str] = None) -> None:
+    """Metrics in [0, 1] and mean cosine similarities (which go down to -1) per epoch, on one axis.
+
+    The kept epoch (the last marked "best", as in loss_curves) gets a dotted line, and a star on `monitor`,
+    the value early stopping watched, where that is drawn here."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
     epochs = [h["epoch"] for h in history]
     lowest = 0.0
@@ -74,14 +97,33 @@ def validation_metrics(history: Sequence[dict], keys: Sequence[str], path: Path)
     ax.set_ylim(max(-1.02, lowest - 0.05) if lowest < 0 else 0, 1.02)
     if lowest < 0:
         ax.axhline(0, color="grey", lw=0.6)
+    similarity = any("similarity" in key for key in keys)
+    ax.set_ylabel("value (0 to 1" + ("; similarity -1 to 1)" if similarity else ")"))
     ax.set_title("Validation retrieval and kNN metrics")
-    ax.legend(fontsize=8)
+    _mark_kept_epoch(ax, history, monitor if monitor in keys else None)
+    # Below the axes, as in loss_curves: inside, it would cover curves that run through every corner.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     _save(fig, path)
 
 
+def _mark_kept_epoch(ax, history: Sequence[dict], monitor: Optional[str]) -> None:
+    """Dotted line at the last epoch marked "best" (the weights kept), and a star on its `monitor` value."""
+    best = [h for h in history if h.get("best")]
+    if not best:
+        return
+    kept = best[-1]
+    ax.axvline(kept["epoch"], color="grey", lw=0.8, ls=":", label=f"kept epoch ({kept['epoch']})")
+    if monitor is not None and np.isfinite(kept.get(monitor, np.nan)):
+        # Unclipped: a best value of 1.0 sits on the axes' top edge.
+        ax.plot([kept["epoch"]], [kept[monitor]], "*", ms=12, color="black", zorder=5, clip_on=False,
+                label=f"kept: best {monitor.replace('_', ' ')} {kept[monitor]:.3f}")
+
+
 def confusion_matrix(cm: Sequence[Sequence[int]], path: Path, title: str) -> None:
+    """Counts of true against predicted class; a long `title` is wrapped to the figure's width."""
     cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    width = 4.2
+    fig, ax = plt.subplots(figsize=(width, 3.8))
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
@@ -89,7 +131,8 @@ def confusion_matrix(cm: Sequence[Sequence[int]], path: Path, title: str) -> Non
     ax.set_yticks([0, 1], ["benign", "melanoma"])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
+    # The title is centred over the axes, not the figure: wrapped narrower than the figure, it fits either way.
+    ax.set_title(_wrap(title, 0.8 * width, 9), fontsize=9)
     _save(fig, path)
 
 
@@ -127,41 +170,87 @@ def pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, wher
     _save(fig, path)
 
 
-def _reliability_points(labels: np.ndarray, probs: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean probability and melanoma fraction per non-empty equal-width bin (the bins of the ECE)."""
+def _reliability_points(labels: np.ndarray, probs: np.ndarray, bins: int
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean probability, melanoma fraction and image count per non-empty equal-width bin (the bins of the ECE)."""
     which = np.clip(np.floor(np.asarray(probs, dtype=float) * bins).astype(int), 0, bins - 1)
     count = np.bincount(which, minlength=bins)
     keep = count > 0
     mean = np.bincount(which, probs, bins)[keep] / count[keep]
-    return mean, np.bincount(which, labels, bins)[keep] / count[keep]
+    return mean, np.bincount(which, labels, bins)[keep] / count[keep], count[keep]
 
 
-def reliability(labels: np.ndarray, probs: np.ndarray, path: Path, bins: int = 10) -> None:
+def reliability(labels: np.ndarray, probs: np.ndarray, path: Path, bins: int = 10, caption: str = "") -> None:
     """One score's reliability curve; see reliability_before_after for a calibrated one beside it."""
-    reliability_before_after(labels, {"model": probs}, path, bins)
+    reliability_before_after(labels, {"model": probs}, path, bins, caption=caption)
 
 
 def reliability_before_after(labels: np.ndarray, scores: dict[str, np.ndarray], path: Path, bins: int = 10,
-                             title: str = "Reliability, test part") -> None:
+                             title: str = "Reliability, test part", caption: str = "", min_count: int = 10) -> None:
     """scores: name -> probabilities (e.g. {"raw score": raw, "calibrated (platt)": calibrated}), each drawn
-    over `bins` equal-width bins with its Brier score and expected calibration error in the legend."""
-    from .metrics import expected_calibration_error
+    over `bins` equal-width bins with its Brier score and expected calibration error in the legend.
 
+    Each bin's marker has an area by its image count and the count beside it; a bin of fewer than `min_count`
+    images is hollow, faded and not joined to the curve, so that one image at (0.91, 0) does not read as the
+    calibration collapsing. `caption` goes under the axes: say there on which scale the probabilities are."""
     labels = np.asarray(labels)
-    fig, ax = plt.subplots(figsize=(4.8, 4.8))
+    fig, ax = plt.subplots(figsize=(4.8, 6.4))
     ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
     for i, (name, probs) in enumerate(scores.items()):
-        mean, frac = _reliability_points(labels, probs, bins)
-        ax.plot(mean, frac, marker="os^"[i % 3], ms=4, zorder=3 + i, **CURVE_STYLES[i % len(CURVE_STYLES)],
-                label=f"{name}: Brier {skm.brier_score_loss(labels, probs):.3f}, "
-                      f"ECE {expected_calibration_error(labels, probs, bins):.3f}")
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
+        _reliability_curve(ax, labels, np.asarray(probs, dtype=float), bins, i, name, min_count)
+    ax.scatter([], [], s=25, marker="o", facecolors="none", edgecolors="grey",
+               label=f"hollow: bin of fewer than {min_count} images")
+    ax.set_xlim(-0.02, 1.05)
+    ax.set_ylim(-0.04, 1.04)
     ax.set_xlabel("mean predicted melanoma probability")
     ax.set_ylabel("observed melanoma fraction")
     ax.set_title(f"{title} ({bins} equal-width bins)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    # Below the axes, the caption below it: inside, the legend would hide a bin somewhere.
+    legend = ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(-0.02, -0.12), frameon=False)
+    counts = (f"Marker area grows with the images in the bin; the number beside each marker is that count. "
+              f"Hollow, faded, unjoined: fewer than {min_count} images, too few to read.")
+    _caption(ax, counts + ("\n" + caption if caption else ""), 4.2, below=legend)
     _save(fig, path)
+
+
+def _reliability_curve(ax, labels: np.ndarray, probs: np.ndarray, bins: int, i: int, name: str,
+                       min_count: int) -> None:
+    """One score's bins: joined filled markers where a bin holds `min_count` images or more, hollow ones elsewhere."""
+    from .metrics import expected_calibration_error
+
+    mean, frac, count = _reliability_points(labels, probs, bins)
+    few = count < min_count
+    style, marker = CURVE_STYLES[i % len(CURVE_STYLES)], "os^"[i % 3]
+    line, = ax.plot(mean[~few], frac[~few], zorder=3 + i, **style,
+                    label=f"{name}: Brier {skm.brier_score_loss(labels, probs):.3f}, "
+                          f"ECE {expected_calibration_error(labels, probs, bins):.3f}")
+    color = line.get_color()
+    # Area by the share of all images, the same scale for every curve; a floor keeps one image visible.
+    area = 12 + 400 * count / max(len(labels), 1)
+    ax.scatter(mean[~few], frac[~few], s=area[~few], marker=marker, color=color, zorder=4 + i)
+    ax.scatter(mean[few], frac[few], s=area[few], marker=marker, facecolors="none", edgecolors=color, alpha=0.5,
+               zorder=4 + i)
+    side = 1 if i % 2 == 0 else -1
+    for x, y, n, s, faded in zip(mean, frac, count, area, few):
+        # Just outside the marker (radius sqrt(area)/2 points), the first curve's counts to the right, the
+        # second's to the left: where two curves share a bin, both counts stay readable.
+        ax.annotate(f"{n}", (x, y), xytext=(side * (np.sqrt(s) / 2 + 2), 2), textcoords="offset points",
+                    ha="left" if side > 0 else "right", fontsize=6, color=color, alpha=0.7 if faded else 1.0,
+                    zorder=10, gid=f"bin-count-{i}")
+
+
+def calibration_caption(method: str, fitted_prevalence: float, part_prevalence: float, where: str = "test part",
+                        shown_prevalence: Optional[float] = None, shown_by: str = "predict") -> str:
+    """The sentence under a reliability plot that names its scale: calibrated probabilities are drawn at the
+    prevalence the calibration was fitted at (the validation part's), and `shown_by` (e.g. "predict
+    --prevalence 0.02") may show them at another, where the same image gets a different number."""
+    text = (f"Calibrated ({method}) probabilities at the validation part's melanoma prevalence, "
+            f"{100 * fitted_prevalence:.1f}%, where the calibration was fitted; the {where} has "
+            f"{100 * part_prevalence:.1f}% melanoma.")
+    if shown_prevalence is None or f"{100 * shown_prevalence:.1f}" == f"{100 * fitted_prevalence:.1f}":
+        return text + f" {shown_by} shows probabilities on this scale."
+    return (text + f" {shown_by} shows them at {100 * shown_prevalence:.1f}% prevalence, a different scale: "
+            f"the same image gets a {'lower' if shown_prevalence < fitted_prevalence else 'higher'} number there.")
 
 
 def embedding_map(embeddings: np.ndarray, labels: np.ndarray, path: Path, seed: int = 0, max_points: int = 3000,

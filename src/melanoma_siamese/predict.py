@@ -11,17 +11,8 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, ImageRejected
-from .familiarity import distance_text
-from .inputs import DEFAULT_MAX_PIXELS
-
-
-def _beside(p: float, threshold: float) -> str:
-    """A probability printed beside its threshold with the decimals it takes to see which is larger (as the
-    page does): 0.2788 above a 0.2788 threshold would read as a bug."""
-    for digits in range(4, 9):
-        if f"{p:.{digits}f}" != f"{threshold:.{digits}f}" or p == threshold:
-            return f"{p:.{digits}f}"
-    return f"{p:.8f}" + ("-" if p < threshold else "+")
+from .display import distance_text, probability_text
+from .inputs import DEFAULT_MAX_PIXELS, max_pixels_option
 
 
 def _terminal_table(rows: list[dict], neighbours: int) -> str:
@@ -37,7 +28,7 @@ def _terminal_table(rows: list[dict], neighbours: int) -> str:
                          if f"neighbour_{n}_id" in r)
         familiar = ("-" if r["unfamiliar_percentile"] is None else f"UNFAMILIAR ({r['unfamiliar_by']})"
                     if r["unfamiliar"] else f"yes (pct {r['unfamiliar_percentile']:.0f})")
-        shown = _beside(r["probability"], r["threshold"])
+        shown = probability_text(r["probability"], r["threshold"])
         # The vote's own decision beside it: a vote that reads as its threshold at three decimals may be either.
         vote = f"{r['knn_probability']:.3f} {'mel' if r['knn_decision'] == 'melanoma' else 'ben'}"
         lines.append(f"{path:<40} {shown:>11}  {r['decision']:<12} {familiar:<30} {vote:>9}  {near}")
@@ -86,6 +77,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.saliency is not None and not gradcam_installed():
         raise ConfigError(f"--saliency: {GRADCAM_MISSING}")
+    max_pixels = max_pixels_option(args.max_megapixels)
     run = load_run(args.run, args.device)
     paths = expand_inputs(args.paths)
     if not paths:
@@ -94,13 +86,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     neighbours = args.neighbours or DEFAULT_NEIGHBOURS
     context = read_context(args.paths) if run.features != ("image",) else None
     if context is not None:  # a run reading clinical or patient features, and CSV input with a patient column
-        rows = predict_with_context(predictor, paths, context, neighbours, int(args.max_megapixels * 1e6))
+        rows = predict_with_context(predictor, paths, context, neighbours, max_pixels)
     else:
-        rows = predict_paths(predictor, paths, neighbours, args.batch_size, args.saliency,
-                             int(args.max_megapixels * 1e6),
+        rows = predict_paths(predictor, paths, neighbours, args.batch_size, args.saliency, max_pixels,
                              progress=not args.no_progress and len(paths) > args.batch_size)
     print("\n".join(_header(predictor)))
     print(_terminal_table(rows, neighbours))
+    known = [r for r in rows if r.get("known_case")]
+    for r in known:
+        print(f"{r['path']}: indistinguishable from training image {r['known_case']}: the model was trained on it "
+              "(or a copy), so this answer and its kNN vote are not a test of the model", file=sys.stderr)
     unfamiliar = sum(bool(r.get("unfamiliar")) for r in rows)
     if unfamiliar:
         print(f"{unfamiliar} image(s) are unlike every image the model was trained on: their answers are not "
@@ -159,8 +154,9 @@ def cmd_pair(args: argparse.Namespace) -> int:
     from .inference import Predictor, load_run, pair_report
     from .inputs import read_image
 
+    max_pixels = max_pixels_option(args.max_megapixels)
     run = load_run(args.run, args.device)
-    size, max_pixels = run.config.data.image_size, int(args.max_megapixels * 1e6)
+    size = run.config.data.image_size
     images = []
     for path in (args.a, args.b):
         try:

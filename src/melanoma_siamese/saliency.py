@@ -200,3 +200,124 @@ def saliency_with_stage(run, pixels: np.ndarray) -> Saliency:
 def saliency_overlays(run, pixels: np.ndarray) -> list[np.ndarray]:
     """Overlays for N x S x S x 3 uint8 images of a loaded run (see predict.load_run)."""
     return saliency_with_stage(run, pixels)[0]
+
+
+# The figure predict writes: the image and its overlay side by side, each at least PANEL_PX, a colour bar, a caption.
+PANEL_PX = 256
+FOR_MELANOMA = ("The map shows where evidence FOR melanoma sits (Grad-CAM keeps positive evidence only); its colours "
+                "are relative to this image's strongest region, so they cannot be compared between images.")
+BELOW_THRESHOLD = ("The score is below the decision threshold: the map shows where the little melanoma evidence there "
+                   "is sits, not a finding.")
+NO_EVIDENCE = "No region raised the melanoma score at this stage."
+
+
+def note(stage: SaliencyStage, evidence: bool) -> str:
+    """One line on what a map is (predict's saliency_note column): the stage and its resolution, and whether any
+    region raised the score."""
+    return f"{stage.describe()}." + ("" if evidence else f" {NO_EVIDENCE}")
+
+
+def upscale(size: int) -> int:
+    """The whole factor an image of `size` px is drawn at so that a panel is at least PANEL_PX wide."""
+    return max(1, -(-PANEL_PX // size))
+
+
+def answer_line(answer: dict) -> str:
+    """The answer as predict shows it: probability on its scale and prevalence, decision, threshold."""
+    from .display import probability_text
+
+    p, threshold = answer["probability"], answer["threshold"]
+    scale = (f"calibrated, at {100 * answer['prevalence']:.2f}% melanoma prevalence"
+             if answer.get("calibrated") and answer.get("prevalence") is not None
+             else "the classifier's raw score, not calibrated")
+    return (f"P(melanoma) {probability_text(p, threshold)} ({scale}) -> {answer['decision']} "
+            f"(threshold {threshold:.4g}).")
+
+
+def caption(name: str, answer: dict, stage: SaliencyStage, evidence: bool) -> list[str]:
+    """The caption of one saliency figure, a paragraph per item: file name, answer, warnings, stage, how the map
+    reads (the below-threshold and no-evidence sentences where they apply)."""
+    lines = [name, answer_line(answer)]
+    if answer.get("unfamiliar", {}).get("flag"):
+        lines.append("UNFAMILIAR: this image is unlike the training images; the answer is not reliable.")
+    if answer.get("trained_on_generated_images"):
+        lines.append("This run was trained on generated images: its answers mean nothing for real photos.")
+    if not evidence:
+        lines.append(NO_EVIDENCE)
+    else:
+        below = answer["probability"] < answer["threshold"]
+        lines += ([BELOW_THRESHOLD] if below else []) + [FOR_MELANOMA]
+    factor = upscale(stage.image_size)
+    drawn = f"; drawn {factor}x larger (nearest neighbour)" if factor > 1 else ""
+    return lines + [f"{stage.describe()}; the map is smoothed to the input's pixels by Grad-CAM (bilinear){drawn}."]
+
+
+def _wrapped(lines: list[str], width_px: int, fontsize: float = 9, weight: str = "normal") -> str:
+    """`lines` wrapped at the most characters whose rendered width still fits width_px (measured, so a caption
+    is never clipped whatever its words)."""
+    import textwrap
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    scratch = Figure(dpi=100)
+    renderer = FigureCanvasAgg(scratch).get_renderer()
+
+    def width(text: str) -> float:
+        drawn = scratch.text(0, 0, text, fontsize=fontsize, fontweight=weight)
+        extent = drawn.get_window_extent(renderer).width
+        drawn.remove()
+        return extent
+
+    longest = max(lines, key=len)
+    # Start from the longest line's mean character width; a line of wide letters may take a step or two more.
+    chars = max(20, int(width_px * len(longest) / max(width(longest), 1.0)))
+    while True:
+        text = "\n".join(textwrap.fill(line, chars, break_long_words=True) for line in lines)
+        if width(text) <= width_px or chars <= 20:
+            return text
+        chars -= 2
+
+
+def _panel(fig, box: tuple[float, ...], picture: Optional[np.ndarray], title: str):
+    ax = fig.add_axes(box)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    if picture is not None:
+        ax.imshow(picture, interpolation="nearest")
+    return ax
+
+
+def figure(pixels: np.ndarray, overlay_rgb: np.ndarray, lines: list[str], evidence: bool, path) -> None:
+    """Writes the image and its overlay side by side at a whole multiple of their size (each panel at least
+    PANEL_PX), a colour bar and the caption `lines` (the first one bold), laid out in pixels so nothing clips."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    dpi, pad, gap, head = 100, 16, 16, 22
+    factor = upscale(pixels.shape[1])
+    big = [np.kron(a, np.ones((factor, factor, 1), dtype=a.dtype)) for a in (pixels, overlay_rgb)]
+    side = big[0].shape[0]
+    width = pad + 2 * side + gap + 130
+    title, text = _wrapped(lines[:1], width - 2 * pad, 10, "bold"), _wrapped(lines[1:], width - 2 * pad)
+    top = pad + 17 * (title.count("\n") + 1) + head
+    height = top + side + pad + 16 * (text.count("\n") + 1) + pad
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    fx, fy = (lambda x: x / width), (lambda y: 1 - y / height)  # pixels from the top left -> figure fractions
+    fig.text(fx(pad), fy(pad), title, fontsize=10, fontweight="bold", va="top")
+    _panel(fig, (fx(pad), fy(top + side), side / width, side / height), big[0], "Image (model input)")
+    right = (fx(pad + side + gap), fy(top + side), side / width, side / height)
+    if evidence:
+        _panel(fig, right, big[1], "Grad-CAM: evidence for melanoma")
+        bar = fig.add_axes((fx(pad + 2 * side + gap + 10), fy(top + side), 14 / width, side / height))
+        colours = fig.colorbar(ScalarMappable(Normalize(0, 1), colormaps["jet"]), cax=bar, ticks=[0, 1])
+        colours.ax.set_yticklabels(["weakest", "strongest"], fontsize=8)
+        colours.set_label("relative to this image's\nstrongest region", fontsize=8)
+    else:
+        empty = _panel(fig, right, None, "Grad-CAM")
+        empty.text(0.5, 0.5, _wrapped([NO_EVIDENCE], side), ha="center", va="center", fontsize=9,
+                   transform=empty.transAxes)
+    fig.text(fx(pad), fy(top + side + pad), text, fontsize=9, va="top", linespacing=1.25)
+    fig.savefig(path, dpi=dpi)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ImageRejected
-from .inputs import DEFAULT_MAX_PIXELS, read_image
+from .inputs import DEFAULT_MAX_PIXELS, max_pixels_option, read_image
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # Room for the multipart boundary and headers around the one file.
@@ -193,6 +193,11 @@ def _schemas() -> SimpleNamespace:
         appearance_percentile: Optional[float]  # share of validation images whose texture is as close or closer
         reason: str
 
+    class KnownCase(BaseModel):
+        id: str
+        label_name: str
+        note: str
+
     class Prediction(BaseModel):
         probability: float
         decision: str
@@ -211,10 +216,12 @@ def _schemas() -> SimpleNamespace:
         knn_threshold: float
         knn_k: int
         similar: list[Similar]
+        known_case: Optional[KnownCase] = None
         saliency_png: Optional[str]
         note: str
 
-    return SimpleNamespace(Similar=Similar, Unfamiliar=Unfamiliar, Prediction=Prediction, **_run_schemas())
+    return SimpleNamespace(Similar=Similar, Unfamiliar=Unfamiliar, KnownCase=KnownCase, Prediction=Prediction,
+                           **_run_schemas())
 
 
 def _run_schemas() -> dict:
@@ -311,16 +318,20 @@ def create_app(run_dir: Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
 def _prediction_route(app, service: Service, bounds: tuple, max_upload_bytes: int, models: tuple) -> None:
     """POST /api/predict. `bounds`: (admission.Admission over decoding, microbatch.MicroBatcher over scoring,
     admission.Quiet over the whole request)."""
-    from fastapi import File, HTTPException, Query, UploadFile
+    from fastapi import Depends, File, HTTPException, Query, UploadFile
     from fastapi.concurrency import run_in_threadpool
 
     from .inference import DEFAULT_NEIGHBOURS
-    from .uploads import read_upload
+    from .uploads import known_query, read_upload
 
     prediction, errors = models
     gate, batcher, quiet = bounds
 
-    @app.post("/api/predict", response_model=prediction, responses=errors)
+    prevalence = ("the prevalence is the server's (serve --prevalence P), said in each answer; for another, run "
+                  "predict --prevalence P")
+    only = Depends(known_query("/api/predict", ("saliency", "neighbours"), prevalence))
+
+    @app.post("/api/predict", response_model=prediction, responses=errors, dependencies=[only])
     async def predict(file: UploadFile = File(..., description="one image (JPEG, PNG, ...)"),
                       saliency: bool = Query(False, description="add a Grad-CAM overlay as a PNG data URL"),
                       neighbours: int = Query(DEFAULT_NEIGHBOURS, ge=1, le=MAX_NEIGHBOURS)) -> dict:
@@ -374,8 +385,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           "(clients send 'Authorization: Bearer TOKEN'; the page opens as /?token=TOKEN)")
     options = {"prevalence": args.prevalence, "token": token, "workers": args.workers, "queue": args.queue,
                "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms}
-    app = create_app(args.run, int(args.max_upload_mb * 1024 * 1024), int(args.max_megapixels * 1e6), args.device,
-                     options)
+    app = create_app(args.run, int(args.max_upload_mb * 1024 * 1024), max_pixels_option(args.max_megapixels),
+                     args.device, options)
     print(f"Open http://{args.host}:{args.port}/" + ("?token=TOKEN" if token else "")
           + " (API schema at /openapi.json)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")

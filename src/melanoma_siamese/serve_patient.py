@@ -18,16 +18,31 @@ def _ordered(answers: list[dict], names: list[str]) -> list[dict]:
     return sorted(out, key=lambda a: (a["patient"]["patient_rank"] is None, a["patient"]["patient_rank"] or 0))
 
 
+def _clinical_fields(age: Optional[float], sex: str, site: str):
+    """The form's age, sex and site in a dataset's vocabulary (one row); empty fields are missing. A value the
+    vocabulary does not know is refused (422), not taken as missing: the caller believes the answer used it."""
+    import pandas as pd
+    from fastapi import HTTPException
+
+    from .data.clinical import clinical_columns, expected_values
+
+    given = clinical_columns(pd.DataFrame({"age": [age], "sex": [sex], "site": [site]}), "request").table
+    for field, value in (("age", age), ("sex", sex), ("site", site)):
+        if value not in (None, "") and (pd.isna(given[field].iloc[0]) or given[field].iloc[0] == ""):
+            raise HTTPException(422, f"form field '{field}': {value!r} is not understood; expected "
+                                     f"{expected_values(field)}, or leave it out")
+    return given
+
+
 def patient_route(app, service, gate, max_upload_bytes: int) -> None:
     """Adds POST /api/patient (files, with optional age, sex and site of the patient) and GET /patient."""
     import pandas as pd
-    from fastapi import File, Form, HTTPException, UploadFile
+    from fastapi import Depends, File, Form, HTTPException, UploadFile
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse
 
     from .context import score_patient
-    from .uploads import read_upload
-    from .data.clinical import clinical_columns
+    from .uploads import known_query, read_upload
 
     page = (resources.files("melanoma_siamese") / "web" / "patient.html").read_text(encoding="utf-8")
 
@@ -35,11 +50,12 @@ def patient_route(app, service, gate, max_upload_bytes: int) -> None:
     def patient_page() -> str:
         return page
 
-    @app.post("/api/patient")
+    @app.post("/api/patient", dependencies=[Depends(known_query("/api/patient", ()))])
     async def patient(files: List[UploadFile] = File(..., description="2 or more images of one patient"),
                       age: Optional[float] = Form(None), sex: str = Form(""), site: str = Form("")) -> dict:
         if not 1 <= len(files) <= MAX_IMAGES:
             raise HTTPException(400, f"send 1 to {MAX_IMAGES} images of one patient; got {len(files)}")
+        given = _clinical_fields(age, sex, site)
         images, names = [], []
         async with gate.slot():
             for file in files:
@@ -52,8 +68,6 @@ def patient_route(app, service, gate, max_upload_bytes: int) -> None:
                 except ImageRejected as exc:
                     raise HTTPException(exc.status, f"{file.filename}: {exc}") from exc
                 names.append(file.filename or f"image {len(names) + 1}")
-            # The same vocabulary as a dataset's columns: an unknown word or an age outside 0-120 is missing.
-            given = clinical_columns(pd.DataFrame({"age": [age], "sex": [sex], "site": [site]}), "request").table
             table = pd.DataFrame({"patient_id": "patient", **{c: given[c].iloc[0] for c in ("age", "sex", "site")}},
                                  index=range(len(images)))
             answers = await run_in_threadpool(score_patient, service.predictor, np.stack(images), table, 3)

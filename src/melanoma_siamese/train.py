@@ -178,10 +178,14 @@ def report_stage1(config: Config, prepared: Prepared, device: torch.device, run:
     write_history(history, run.history("siamese"))
     plots.loss_curves(history[1:], run.image("siamese_loss.png"), "Stage 1: Siamese encoder")
     plots.validation_metrics(history, ("knn_auc", "precision_at_1", "map_at_r", "same_class_similarity",
-                                       "other_class_similarity"), run.image("val_metrics.png"))
+                                       "other_class_similarity"), run.image("val_metrics.png"), config.siamese.monitor)
+    kept = ([h for h in history if h.get("best")] or history)[-1]
     baseline = {"untrained_encoder_test_knn_auc": untrained_test_knn_auc(config, prepared, device),
                 "siamese_seconds": history[-1].get("seconds", 0.0),
-                "backbone_image_passes": history[-1]["images_seen"]}
+                "backbone_image_passes": history[-1]["images_seen"],
+                # The card says how far stage 1 went and which epoch's weights the run uses.
+                "epochs_run": history[-1]["epoch"], "kept_epoch": kept["epoch"], "monitor": config.siamese.monitor,
+                "kept_value": kept.get(config.siamese.monitor)}
     run.write_json(run.baseline, baseline)
     return baseline
 

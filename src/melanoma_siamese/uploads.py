@@ -1,4 +1,5 @@
-"""Reading one uploaded file within the server's size limit (both API routes that take images)."""
+"""What the API routes that take images read from a request: one uploaded file within the server's size limit,
+and only the query parameters a route knows."""
 
 
 async def read_upload(file, max_upload_bytes: int) -> bytes:
@@ -11,3 +12,19 @@ async def read_upload(file, max_upload_bytes: int) -> bytes:
     if not data:
         raise HTTPException(400, "empty file")
     return data
+
+
+def known_query(route: str, names: tuple[str, ...], hint: str = ""):
+    """A FastAPI dependency: 422 for a query parameter `route` does not take. FastAPI ignores unknown ones, so
+    `?prevalence=0.02` would be answered at the server's own prevalence while the caller believes otherwise."""
+    from fastapi import HTTPException, Request
+
+    allowed = set(names) | {"token"}  # the page may carry its token in the query (auth.py)
+
+    def check(request: Request) -> None:
+        unknown = sorted(set(request.query_params) - allowed)
+        if unknown:
+            takes = ", ".join(names) if names else "no query parameters"
+            raise HTTPException(422, f"{route} does not take {', '.join(map(repr, unknown))}; it takes {takes}"
+                                     + (f". {hint}" if hint else ""))
+    return check

@@ -123,8 +123,12 @@ def _unknown_warning(file: str, source: str, column: str, unknown: pd.Series) ->
     counts = unknown.value_counts()
     shown = ", ".join(f"'{value}' ({n})" for value, n in counts.head(8).items())
     more = f" and {len(counts) - 8} other value(s)" if len(counts) > 8 else ""
-    expected = {"age": f"a number of years from {AGE_RANGE[0]:.0f} to {AGE_RANGE[1]:.0f}",
-                "sex": "female or male", "site": ", ".join(SITE_WORDS),
-                "skin_type": "Fitzpatrick I-VI (or 1-6)"}[column]
     return (f"{file}: column '{source}': {len(unknown)} row(s) have a value not understood as {column}, "
-            f"treated as missing: {shown}{more}; expected {expected}")
+            f"treated as missing: {shown}{more}; expected {expected_values(column)}")
+
+
+def expected_values(column: str) -> str:
+    """What `column` understands, in words."""
+    return {"age": f"a number of years from {AGE_RANGE[0]:.0f} to {AGE_RANGE[1]:.0f}",
+            "sex": "female or male", "site": ", ".join(SITE_WORDS),
+            "skin_type": "Fitzpatrick I-VI (or 1-6)"}[column]
