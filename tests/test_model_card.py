@@ -61,7 +61,8 @@ def test_card_says_which_epoch_the_run_kept():
     baseline = {"backbone_image_passes": 30912, "siamese_seconds": 305, "untrained_encoder_test_knn_auc": 0.8,
                 "epochs_run": 23, "kept_epoch": 15, "monitor": "knn_auc", "kept_value": 0.8731}
     text = model_card("r", load_config(), INFO, METRICS, GROUPS, baseline, generated=False)
-    assert "- Stage 1 ran 23 epoch(s) and kept the weights of epoch 15 (the best validation knn_auc, 0.8731)" in text
+    assert "- Stage 1 ran 23 epoch(s) and kept the weights of epoch 15 (its knn_auc, the best on validation, 0.8731)" \
+        in text
     # A run written before the record existed: no sentence rather than a wrong one.
     old = {k: baseline[k] for k in ("backbone_image_passes", "siamese_seconds", "untrained_encoder_test_knn_auc")}
     assert "kept the weights" not in model_card("r", load_config(), INFO, METRICS, GROUPS, old, generated=False)

@@ -121,7 +121,8 @@ def test_a_parameter_the_route_does_not_take_is_refused_not_ignored(client, tiny
         answer = client.post("/api/patient", files=files, data=data)
         assert answer.status_code == 422 and answer.json()["detail"].startswith(f"form field '{field}': ")
     assert "expected female or male" in client.post("/api/patient", files=files, data={"sex": "alien"}).text
-    assert client.post("/api/patient", files=files, data={"sex": "Female", "site": "back"}).status_code == 200
+    for data in ({"sex": "Female", "site": "back"}, {"sex": "unknown", "site": "n/a"}):  # words for "not recorded"
+        assert client.post("/api/patient", files=files, data=data).status_code == 200
 
 
 def test_a_training_image_is_named_as_one(client, run_dir, tiny_data):

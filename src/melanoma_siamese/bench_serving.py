@@ -51,14 +51,12 @@ def bench_run(folder: Path, array: np.ndarray, backbone: str, seed: int, index_i
 
 
 def _predictor(run_dir: Path, engine: str, device: str, batch: int):
-    from .export import export_pixel_model
-    from .inference import PixelModel, Predictor, load_run
+    from .export import describe_model, export_onnx, score_metadata
+    from .inference import Predictor, load_run
 
     run = load_run(run_dir, device)
     if engine == "onnxruntime" and not run.folder.onnx.is_file():
-        d = run.config.data
-        export_pixel_model(PixelModel(run.encoder, run.classifier, d.mean, d.std).cpu().eval(), d.image_size,
-                           run.folder.onnx)
+        describe_model(export_onnx(run, run.folder.onnx), score_metadata(run))  # as `export` writes it
     return Predictor(run, engine, batch_size=batch)
 
 

@@ -47,7 +47,8 @@ def score_metadata(run) -> dict[str, str]:
 
     meta = {"score": "the classifier's raw melanoma score (class-weighted training, uncalibrated): not a "
                      "probability; melanoma where score >= score_threshold",
-            "score_threshold": f"{run.thresholds.classifier:.6g}", "threshold_source": run.thresholds.source,
+            # repr: the exact float, as the threshold is a validation image's own score and decides ties.
+            "score_threshold": repr(float(run.thresholds.classifier)), "threshold_source": run.thresholds.source,
             "image_size": str(run.config.data.image_size), "melanoma_siamese_version": __version__}
     cal = run.calibration
     if cal is not None:
@@ -57,7 +58,7 @@ def score_metadata(run) -> dict[str, str]:
                                "with the calibration's slope and intercept: the probability of melanoma at a "
                                "prevalence P; the threshold moves with it (the same formula on score_threshold)")
         if shown is not None:
-            meta["prevalence"] = f"{shown:.6g}"  # what predict shows without --prevalence
+            meta["prevalence"] = repr(float(shown))  # what predict shows without --prevalence
             meta["prevalence_source"] = source
     return meta
 
@@ -160,7 +161,7 @@ def _export_onnx(run, path: Path, opset: int, pixels: np.ndarray, what: str) -> 
 def _score_sentence(run) -> str:
     sentence = (f"`score` is the classifier's raw score, not a probability: melanoma where score >= "
                 f"{run.thresholds.classifier:.4f} ({run.thresholds.source})")
-    if run.calibration is None:
+    if run.calibration is None or run.calibration.method == "none":
         return sentence + "; the run has no calibration, so predict shows this score too"
     return (sentence + "; predict shows the calibrated probability instead. The file's metadata (`score_threshold`, "
             "`calibration`, `probability`) says how to get it")

@@ -28,9 +28,6 @@ from .runfolder import RunFolder, Thresholds
 LABEL_NAMES = ("not melanoma", "melanoma")
 ENGINES = ("torch", "onnxruntime")
 DEFAULT_NEIGHBOURS = 5
-# Closer than this to a training image, the model cannot tell the two apart (pair says the same): the image is,
-# to the model, that training image, and its answer and kNN vote rest on a label it was trained on.
-KNOWN_DISTANCE = 1e-6
 # predict's threads that describe answers while the model scores the next chunk (half the cores, 2 to 8).
 DESCRIBE_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))
 VAL_PAIR_SAMPLE = 3000
@@ -310,7 +307,8 @@ def unfamiliar_flags(run: LoadedRun, embeddings: np.ndarray, appearance: np.ndar
     return found, looks, found["unfamiliar"] | looks["unfamiliar"]
 
 
-def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray, pixels: np.ndarray) -> list[dict]:
+def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray, pixels: np.ndarray,
+                       appearance: Optional[np.ndarray] = None) -> list[dict]:
     """Per image: distance to the nearest training images and its percentile among validation images, in the
     embedding and in appearance; flagged when either is beyond its cut."""
     from .display import distance_text
@@ -321,7 +319,8 @@ def unfamiliar_answers(run: LoadedRun, embeddings: np.ndarray, pixels: np.ndarra
         return [{"flag": False, "distance": None, "percentile": None, "cut": None, "embedding_flag": False,
                  "appearance_flag": False, "appearance_percentile": None,
                  "reason": "this run has no validation images in its index to judge familiarity"}] * len(embeddings)
-    found, looks, flags = unfamiliar_flags(run, embeddings, appearance_features(pixels))
+    appearance = appearance_features(pixels) if appearance is None else appearance
+    found, looks, flags = unfamiliar_flags(run, embeddings, appearance)
     out = []
     for i, (distance, percentile) in enumerate(zip(found["distance"], found["percentile"])):
         reasons = []
@@ -348,6 +347,7 @@ def describe(run: LoadedRun, pixels: np.ndarray, scored: tuple[np.ndarray, np.nd
 
     The vote uses the training part only, with the run's knn_k, as the validation-chosen kNN threshold did.
     """
+    from .familiarity import appearance_features
     from .metrics import knn_probabilities
 
     embeddings, probs = scored
@@ -355,7 +355,9 @@ def describe(run: LoadedRun, pixels: np.ndarray, scored: tuple[np.ndarray, np.nd
     votes = knn_probabilities(embeddings, train.embeddings, train.labels, run.config.evaluation.knn_k)
     similar = similar_cases(run, embeddings, neighbours)
     shown = shown_probability(run, probs, prevalence)
-    familiar = unfamiliar_answers(run, embeddings, pixels)
+    appearance = appearance_features(pixels)
+    familiar = unfamiliar_answers(run, embeddings, pixels, appearance)
+    known = known_cases(train, embeddings, appearance)
     t = run.thresholds
     out = []
     for i, (p, vote) in enumerate(zip(probs, votes)):
@@ -365,18 +367,30 @@ def describe(run: LoadedRun, pixels: np.ndarray, scored: tuple[np.ndarray, np.nd
                     "prevalence_source": prevalence_source, "unfamiliar": familiar[i],
                     "trained_on_generated_images": run.generated,
                     "knn_probability": float(vote), "knn_decision": LABEL_NAMES[int(vote >= t.knn)],
-                    "knn_threshold": t.knn, "similar": similar[i], "known_case": known_case(similar[i])})
+                    "knn_threshold": t.knn, "similar": similar[i], "known_case": known[i]})
     return out
 
 
-def known_case(similar: list[dict]) -> Optional[dict]:
-    """The training image this one cannot be told apart from (its nearest, within KNOWN_DISTANCE), or None."""
-    nearest = similar[0] if similar else None
-    if nearest is None or nearest["distance"] >= KNOWN_DISTANCE:
-        return None
-    return {"id": nearest["id"], "label_name": nearest["label_name"],
-            "note": f"indistinguishable from training image {nearest['id']} ({nearest['label_name']}): the model was "
-                    "trained on this image or a copy, so its answer and kNN vote are not a test of the model"}
+def known_cases(train: RetrievalIndex, embeddings: np.ndarray, appearance: np.ndarray, k: int = 5) -> list:
+    """Per image, the training image it cannot be told apart from, or None: one of its k nearest in the embedding
+    whose distance is rounding (familiarity.ROUNDING), or whose appearance descriptor is the same (the same pixels,
+    or a flipped or turned copy, whatever test-time augmentation or a GPU's arithmetic did to the embedding). Its
+    answer and kNN vote then rest on a label the model was trained on."""
+    from .familiarity import ROUNDING
+
+    order, distances = train.nearest(embeddings, k)
+    out = []
+    for i, (row, dist) in enumerate(zip(order, distances)):
+        same = [j for j, d in zip(row, dist) if d < ROUNDING or (train.appearance is not None and np.allclose(
+            train.appearance[j], appearance[i], rtol=0, atol=1e-7))]
+        if not same:
+            out.append(None)
+            continue
+        image_id, label = str(train.ids[same[0]]), LABEL_NAMES[train.labels[same[0]]]
+        out.append({"id": image_id, "label_name": label,
+                    "note": f"indistinguishable from training image {image_id} ({label}): the model was trained on "
+                            "this image or a copy, so its answer and kNN vote are not a test of the model"})
+    return out
 
 
 def similar_cases(run: LoadedRun, embeddings: np.ndarray, k: int) -> list[list[dict]]:
@@ -403,7 +417,8 @@ def flat_row(path: Path, result: Optional[dict], reason: str = "", saliency: str
                     "unfamiliar_texture_percentile": u["appearance_percentile"]})
         row.update({k: result[k] for k in ("knn_probability", "knn_decision", "knn_threshold",
                                            "trained_on_generated_images")})
-        row["known_case"] = (result.get("known_case") or {}).get("id", "")
+        known = result.get("known_case") or {}
+        row.update({"known_case": known.get("id", ""), "known_case_note": known.get("note", "")})
         for n, s in enumerate(result["similar"], 1):
             row.update({f"neighbour_{n}_id": s["id"], f"neighbour_{n}_label": s["label"],
                         f"neighbour_{n}_distance": s["distance"]})

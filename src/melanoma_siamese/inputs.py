@@ -27,7 +27,7 @@ def max_pixels_option(megapixels: float, flag: str = "--max-megapixels") -> int:
     ceiling = 2 * (Image.MAX_IMAGE_PIXELS or 0)
     pixels = int(megapixels * 1e6)
     if pixels < 1 or (ceiling and pixels > ceiling):
-        raise ConfigError(f"{flag} {megapixels:g}: must be above 0 and at most {ceiling / 1e6:.0f} (Pillow refuses "
+        raise ConfigError(f"{flag} {megapixels:g}: must be above 0 and at most {ceiling // 10**6} (Pillow refuses "
                           "larger images as a possible decompression bomb)")
     return pixels
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .config import Config
-from .display import distance_text
+from .display import distance_text, prevalences_differ
 
 STATED = "stated with --prevalence"
 
@@ -22,7 +22,7 @@ def shown_by(cal: dict) -> str:
     return "predict"
 
 
-def calibration_measured(cal: dict, part: str = "test", spelled: bool = False) -> str:
+def calibration_measured(cal: dict, part: str = "test", spelled: bool = False, where: str = "") -> str:
     """Brier and ECE on a part, with the scale they were measured on: the prevalence the calibration was fitted
     at. Probabilities shown at a prevalence far from the data's own (evaluate --prevalence 0.02 on a part with 25%
     melanoma) read low against this data by design; a reader must not take these figures for theirs."""
@@ -34,19 +34,14 @@ def calibration_measured(cal: dict, part: str = "test", spelled: bool = False) -
         return text
     text += f", measured at the prevalence the calibration was fitted at, {100 * fitted:.1f}%"
     if c.get("melanoma_share") is not None:
-        text += f" (the {part} part has {100 * c['melanoma_share']:.1f}% melanoma)"
-    if shown is not None and abs(_log_odds(shown) - _log_odds(fitted)) > 0.25:  # odds apart by over 1.28x
+        text += f" (the {where or part + ' part'} has {100 * c['melanoma_share']:.1f}% melanoma)"
+    if shown is not None and prevalences_differ(shown, fitted):
         text += (f". The probabilities shown at {100 * shown:.2f}% are not what these figures measure: they are "
                  f"rescaled for a population with {100 * shown:.2f}% melanoma, so on this data they read "
                  f"{'lower' if shown < fitted else 'higher'} than its frequencies by design; check them on data "
                  "from that population")
     return text
 
-
-def _log_odds(p: float) -> float:
-    import math
-
-    return math.log(p / (1 - p))
 
 LICENCES = {
     "generated": "none needed: generated cartoons written by `melanoma-siamese synth`, not photographs",
@@ -128,7 +123,7 @@ def _recipe_section(config: Config, baseline: Optional[dict]) -> list[str]:
     if baseline and "kept_epoch" in baseline:
         value = baseline.get("kept_value")
         lines.append(f"- Stage 1 ran {baseline['epochs_run']} epoch(s) and kept the weights of epoch "
-                     f"{baseline['kept_epoch']} (the best validation {baseline['monitor']}"
+                     f"{baseline['kept_epoch']} (its {baseline['monitor']}, the best on validation"
                      + ("" if value is None else f", {value:.4g}") + "); every epoch is in `history_siamese.jsonl`")
     return lines + [""]
 
@@ -186,7 +181,7 @@ def _calibration_section(metrics: dict, where: str = "test part") -> list[str]:
     if cal.get("shown_prevalence_source") == STATED:
         lines.append(f"`predict` and `serve` show the run's own prevalence unless given the same: `{shown_by(cal)}`.")
     if "test" in cal:
-        lines.append(f"On the {where}: {calibration_measured(cal, spelled=True)}.")
+        lines.append(f"On the {where}: {calibration_measured(cal, spelled=True, where=where)}.")
     return lines + [""]
 
 

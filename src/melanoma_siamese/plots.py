@@ -13,6 +13,8 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
+from .display import prevalences_differ  # noqa: E402
+
 # Curves drawn on one axis: wide and pale first, thinner and patterned on top, so where two coincide
 # both stay visible (the one on top as a pattern over the other).
 CURVE_STYLES = ({"ls": "-", "lw": 3.2, "alpha": 0.55}, {"ls": "--", "lw": 1.6, "alpha": 0.95},
@@ -247,7 +249,7 @@ def calibration_caption(method: str, fitted_prevalence: float, part_prevalence: 
     text = (f"Calibrated ({method}) probabilities at the validation part's melanoma prevalence, "
             f"{100 * fitted_prevalence:.1f}%, where the calibration was fitted; the {where} has "
             f"{100 * part_prevalence:.1f}% melanoma.")
-    if shown_prevalence is None or f"{100 * shown_prevalence:.1f}" == f"{100 * fitted_prevalence:.1f}":
+    if shown_prevalence is None or not prevalences_differ(shown_prevalence, fitted_prevalence):
         return text + f" {shown_by} shows probabilities on this scale."
     return (text + f" {shown_by} shows them at {100 * shown_prevalence:.1f}% prevalence, a different scale: "
             f"the same image gets a {'lower' if shown_prevalence < fitted_prevalence else 'higher'} number there.")

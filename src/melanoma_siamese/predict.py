@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import ConfigError, ImageRejected
 from .display import distance_text, probability_text
+from .familiarity import ROUNDING
 from .inputs import DEFAULT_MAX_PIXELS, max_pixels_option
 
 
@@ -50,7 +51,8 @@ def _header(predictor) -> list[str]:
                      "fits one): a score, not a risk.")
     # Significant digits, not decimals: at a low prevalence the threshold is 0.001314, and "0.0013" beside a
     # probability of 0.00130 called "not melanoma" would read as a contradiction.
-    lines.append(f"Threshold on that scale: {predictor.threshold:.4g} ({run.thresholds.source}); kNN vote: the "
+    # Six significant digits: a probability a row prints as 0.27881 must not sit beside a threshold read as 0.2788.
+    lines.append(f"Threshold on that scale: {predictor.threshold:.6g} ({run.thresholds.source}); kNN vote: the "
                  f"share of melanoma among the k={run.config.evaluation.knn_k} most similar training images (not "
                  f"calibrated, not moved to the prevalence), threshold {run.thresholds.knn:.4g}, its decision beside it.")
     rule = run.familiarity
@@ -92,10 +94,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                              progress=not args.no_progress and len(paths) > args.batch_size)
     print("\n".join(_header(predictor)))
     print(_terminal_table(rows, neighbours))
-    known = [r for r in rows if r.get("known_case")]
-    for r in known:
-        print(f"{r['path']}: indistinguishable from training image {r['known_case']}: the model was trained on it "
-              "(or a copy), so this answer and its kNN vote are not a test of the model", file=sys.stderr)
+    for r in rows:
+        if r.get("known_case"):
+            print(f"{r['path']}: {r['known_case_note']}", file=sys.stderr)
     unfamiliar = sum(bool(r.get("unfamiliar")) for r in rows)
     if unfamiliar:
         print(f"{unfamiliar} image(s) are unlike every image the model was trained on: their answers are not "
@@ -131,7 +132,7 @@ def _print_pair(report: dict) -> None:
         print("WARNING: this run was trained on generated images: its answers mean nothing for real photos.")
     # Below 1e-6 a distance is float32 rounding as much as a difference the model sees.
     distance = report["distance"]
-    shown = distance_text(distance) if distance >= 1e-6 else "below 0.000001: the model cannot tell the two apart"
+    shown = distance_text(distance) if distance >= ROUNDING else "below 0.000001: the model cannot tell the two apart"
     print(f"Embedding distance (1 - cosine similarity): {shown}")
     scale = (f"calibrated, at {100 * report['prevalence']:.2f}% melanoma ({report['prevalence_source']})"
              if report["calibrated"] else "raw score, not calibrated")
@@ -198,7 +199,9 @@ def add_parser(sub) -> None:
     predict.add_argument("--csv", type=Path, help="write one row per image here")
     predict.add_argument("--neighbours", type=_positive, metavar="K",
                          help="most similar training images to list (default 5)")
-    predict.add_argument("--saliency", type=Path, metavar="DIR", help="write Grad-CAM overlays into DIR")
+    predict.add_argument("--saliency", type=Path, metavar="DIR",
+                         help="write a Grad-CAM figure per image into DIR (image and overlay, colour bar, caption "
+                              "with the answer)")
     predict.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch")
     predict.add_argument("--onnx", type=Path, help="ONNX model for --engine onnxruntime (default RUN/models/model.onnx)")
     predict.add_argument("--batch-size", type=_positive, default=64)

@@ -224,14 +224,13 @@ def upscale(size: int) -> int:
 
 def answer_line(answer: dict) -> str:
     """The answer as predict shows it: probability on its scale and prevalence, decision, threshold."""
-    from .display import probability_text
+    from .display import probability_pair
 
-    p, threshold = answer["probability"], answer["threshold"]
+    shown, threshold = probability_pair(answer["probability"], answer["threshold"])
     scale = (f"calibrated, at {100 * answer['prevalence']:.2f}% melanoma prevalence"
              if answer.get("calibrated") and answer.get("prevalence") is not None
              else "the classifier's raw score, not calibrated")
-    return (f"P(melanoma) {probability_text(p, threshold)} ({scale}) -> {answer['decision']} "
-            f"(threshold {threshold:.4g}).")
+    return f"P(melanoma) {shown} ({scale}) -> {answer['decision']} (threshold {threshold})."
 
 
 def caption(name: str, answer: dict, stage: SaliencyStage, evidence: bool) -> list[str]:

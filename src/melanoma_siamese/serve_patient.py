@@ -26,12 +26,13 @@ def _clinical_fields(age: Optional[float], sex: str, site: str):
 
     from .data.clinical import clinical_columns, expected_values
 
-    given = clinical_columns(pd.DataFrame({"age": [age], "sex": [sex], "site": [site]}), "request").table
+    given = clinical_columns(pd.DataFrame({"age": [age], "sex": [sex], "site": [site]}), "request")
+    # A warning names its column; words for "not recorded" (unknown, n/a) give none and stay missing.
     for field, value in (("age", age), ("sex", sex), ("site", site)):
-        if value not in (None, "") and (pd.isna(given[field].iloc[0]) or given[field].iloc[0] == ""):
+        if any(f"column '{field}'" in warning for warning in given.warnings):
             raise HTTPException(422, f"form field '{field}': {value!r} is not understood; expected "
                                      f"{expected_values(field)}, or leave it out")
-    return given
+    return given.table
 
 
 def patient_route(app, service, gate, max_upload_bytes: int) -> None:
