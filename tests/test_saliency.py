@@ -89,6 +89,11 @@ def test_caption_above_the_threshold_and_without_evidence():
     assert NO_EVIDENCE in empty and BELOW_THRESHOLD not in empty and FOR_MELANOMA not in empty
     raw = caption("a.png", {**answer(0.3), "calibrated": False, "prevalence": None}, LAYER2, True)
     assert "raw score, not calibrated" in raw[1]
+    # The probability and the threshold at the decimals it takes to see which is larger.
+    assert "P(melanoma) 0.27881 " in caption("a.png", answer(0.278812, 0.278834), LAYER2, True)[1]
+    assert "(threshold 0.27883)" in caption("a.png", answer(0.278812, 0.278834), LAYER2, True)[1]
+    known = {**answer(0.1), "known_case": {"note": "indistinguishable from training image X (not melanoma)"}}
+    assert "Known case: indistinguishable from training image X (not melanoma)." in caption("a", known, LAYER2, True)
 
 
 def test_note_names_the_stage_and_an_empty_map():

@@ -239,6 +239,8 @@ def caption(name: str, answer: dict, stage: SaliencyStage, evidence: bool) -> li
     lines = [name, answer_line(answer)]
     if answer.get("unfamiliar", {}).get("flag"):
         lines.append("UNFAMILIAR: this image is unlike the training images; the answer is not reliable.")
+    if answer.get("known_case"):
+        lines.append(f"Known case: {answer['known_case']['note']}.")
     if answer.get("trained_on_generated_images"):
         lines.append("This run was trained on generated images: its answers mean nothing for real photos.")
     if not evidence:
