@@ -83,12 +83,31 @@ def test_evaluate_reproduces_and_scores_other_data(trained_run, tmp_path, capsys
     assert main(["evaluate", "--run", str(trained_run), "--data", str(other), "--no-progress"]) == 0
     external = trained_run / "external" / "other"
     pred = pd.read_csv(external / "predictions.csv")
-    assert len(pred) == 24 and (pred["part"] == "test").all()
+    assert len(pred) == 24 and (pred["part"] == "external").all() and pred["run_part"].isna().all()
     assert json.loads((external / "metrics.json").read_text())["test"]["n"] == 24
     card = (external / "MODEL_CARD.md").read_text()
     assert "evaluated on external data other" in card and f"--data {other.resolve()}" in card
     assert f"melanoma-siamese evaluate --run {trained_run} --data {other.resolve()}" in card
     assert "External data other, natural prevalence (classifier)" in capsys.readouterr().out
+    assert "none of them is in the run's split" in card and "WARNING" not in card
+
+
+def test_external_data_holding_the_runs_own_images_says_so(trained_run, tiny_data, tmp_path, capsys):
+    trained_run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    split = pd.read_csv(trained_run / "split.csv")
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(trained_run), "--data", str(tiny_data), "--no-progress"]) == 0
+    external = trained_run / "external" / tiny_data.name
+    overlap = json.loads((external / "metrics.json").read_text())["overlap_with_run"]
+    counts = split["part"].value_counts()
+    assert overlap["images"] == {part: int(counts.get(part, 0)) for part in ("train", "val", "test")}
+    assert overlap["unseen_images"] == counts["test"]  # the run's test part is not trained or tuned on
+    printed = capsys.readouterr().out
+    assert f"WARNING: {counts['train'] + counts['val']} of these images are the run's own" in printed
+    card = (external / "MODEL_CARD.md").read_text()
+    assert "numbers on all of them overstate" in card and "neither trained nor tuned on them" not in card
+    pred = pd.read_csv(external / "predictions.csv", keep_default_na=False)
+    assert sorted(pred["run_part"].unique()) == sorted(split["part"].unique())
 
 
 def test_same_seed_same_split_and_metrics(trained_run, tiny_data, tmp_path):

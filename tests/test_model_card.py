@@ -68,6 +68,23 @@ def test_card_says_which_epoch_the_run_kept():
     assert "kept the weights" not in model_card("r", load_config(), INFO, METRICS, GROUPS, old, generated=False)
 
 
+def test_calibration_is_measured_where_the_data_is_the_population_shown():
+    """External data with 8.2% melanoma against a calibration fitted at 24.5%: shown at 8.2% the figures are
+    measured there; shown at the run's own prevalence the reader is told which flag measures them."""
+    from melanoma_siamese.model_card import calibration_measured
+
+    part = {"ece_before": 0.232, "ece_after": 0.110, "brier_before": 0.17, "brier_after": 0.089,
+            "melanoma_share": 0.082, "ece_shown": 0.0074, "brier_shown": 0.065}
+    matched = calibration_measured({"fitted_prevalence": 0.245, "shown_at_prevalence": 0.082, "test": part},
+                                   where="external data ham10000")
+    assert "At the prevalence shown, 8.20%, which is this data's own share, the probabilities shown have ECE " \
+           "0.007 and Brier 0.065" in matched and "not what these figures measure" not in matched
+    own = calibration_measured({"fitted_prevalence": 0.245, "shown_at_prevalence": 0.246, "test": part},
+                               where="external data ham10000")
+    assert "The external data ham10000 has 8.2% melanoma, unlike the 24.5% the calibration was fitted at: " \
+           "`--prevalence 0.082` shows its probabilities at its own share" in own
+
+
 def test_licence_by_source():
     assert licence({"data": "/x/ham10000-sample"}, "kaggle-256", False) == LICENCES["ham10000"]
     assert licence({"data": "/x/synthetic"}, "kaggle-256", True) == LICENCES["generated"]

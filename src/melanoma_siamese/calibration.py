@@ -157,7 +157,8 @@ def displayed(cal: Calibration, scores: np.ndarray, raw_threshold: float,
             "prevalence": cal.prevalence if prevalence is None else float(prevalence)}
 
 
-def report(cal: Calibration, labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
+def report(cal: Calibration, labels: np.ndarray, scores: np.ndarray, bins: int = 10,
+           shown_prevalence: Optional[float] = None) -> dict:
     """Brier score and expected calibration error of the raw and the calibrated scores on one labelled part.
 
     No prevalence shift: a held-out part of the same split has about the validation part's prevalence.
@@ -171,4 +172,16 @@ def report(cal: Calibration, labels: np.ndarray, scores: np.ndarray, bins: int =
             "brier_before": float(brier_score_loss(labels, raw)),
             "brier_after": float(brier_score_loss(labels, calibrated)),
             "ece_before": expected_calibration_error(labels, raw, bins),
-            "ece_after": expected_calibration_error(labels, calibrated, bins)}
+            "ece_after": expected_calibration_error(labels, calibrated, bins),
+            **_at_shown(cal, labels, raw, bins, shown_prevalence)}
+
+
+def _at_shown(cal: Calibration, labels: np.ndarray, raw: np.ndarray, bins: int,
+              prevalence: Optional[float]) -> dict:
+    """Brier and ECE of the probabilities as shown at `prevalence` (evaluate --prevalence): meaningful where the
+    part's own share of melanoma is that prevalence, as for external data from the population it names."""
+    if prevalence is None:
+        return {}
+    shown = apply(cal, raw, prevalence)
+    return {"shown_prevalence": float(prevalence), "brier_shown": float(brier_score_loss(labels, shown)),
+            "ece_shown": expected_calibration_error(labels, shown, bins)}

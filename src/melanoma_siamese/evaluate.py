@@ -16,7 +16,7 @@ from .data.prepare import Prepared, balanced_test_ids
 from .engine import embed, melanoma_probability
 from .features import model_input
 from .inference import LoadedRun, RetrievalIndex, load_run
-from .model_card import calibration_measured, shown_by
+from .model_card import calibration_measured, overlap_sentence, shown_by
 from .metrics import binary_report, bootstrap_ci, choose_threshold, interval_text, knn_probabilities
 from .runfolder import RunFolder, write_text_atomic
 
@@ -205,7 +205,8 @@ def _trust_metrics(run: LoadedRun, frame: pd.DataFrame, embeddings: dict, array:
         for part, rows in frame.groupby("part"):
             if rows["target"].nunique() == 2:
                 out["calibration"][part] = calibration.report(run.calibration, rows["target"].to_numpy(),
-                                                              rows["prob_melanoma"].to_numpy())
+                                                              rows["prob_melanoma"].to_numpy(),
+                                                              shown_prevalence=prevalence)
     if run.familiarity is not None:
         texture = None if run.appearance_rule is None else run.appearance_rule.record()
         out["unfamiliar"] = {**run.familiarity.record(), "texture": texture,
@@ -232,11 +233,32 @@ def _flagged_shares(run: LoadedRun, frame: pd.DataFrame, embeddings: dict, array
 
 
 def _on_other_data(run: LoadedRun, prepared: Prepared) -> tuple[pd.DataFrame, dict, dict]:
-    """Every image of another dataset scored as test, against the run's saved index and thresholds."""
+    """Every image of another dataset scored as test, against the run's saved index and thresholds; `run_part`
+    names the run's own part of an image the run's split holds (by isic_id), empty for the rest."""
     train = run.index.part("train")
     prepared.table["part"] = "test"
     frame, embeddings = _predict_parts(run, prepared, ("test",), (train.embeddings, train.labels))
+    own = dict(zip(run.folder.read_split()["isic_id"].astype(str), run.folder.read_split()["part"]))
+    frame["run_part"] = frame["isic_id"].astype(str).map(own).fillna("")
     return frame, embeddings, run.thresholds.record
+
+
+def _overlap(frame: pd.DataFrame, threshold: float, config: Config) -> Optional[dict]:
+    """External data that holds the run's own training or validation images (the full HAM10000 holds a sample
+    a run trained on): how many, and the metrics on the images the run neither trained nor tuned on, since the
+    numbers on all of them overstate (a training image finds itself in the index, and the threshold, calibration
+    and unfamiliar cut were chosen on the validation images)."""
+    seen = frame["run_part"].isin(["train", "val"])
+    if not seen.any():
+        return None
+    counts = {part: int((frame["run_part"] == part).sum()) for part in ("train", "val", "test")}
+    unseen = frame[~seen]
+    out = {"images": counts, "melanoma": {part: int(frame.loc[frame["run_part"] == part, "target"].sum())
+                                          for part in counts},
+           "unseen_images": int(len(unseen)), "unseen_melanoma": int(unseen["target"].sum())}
+    if unseen["target"].nunique() == 2:
+        out["unseen"] = score(unseen, "prob_melanoma", threshold, config, np.array([]))["test"]
+    return out
 
 
 def evaluate_run(run_dir: Path | RunFolder, config: Config, prepared: Prepared, device: torch.device,
@@ -258,6 +280,10 @@ def evaluate_run(run_dir: Path | RunFolder, config: Config, prepared: Prepared, 
         balanced_ids = balanced_test_ids(prepared, d.balanced_test_per_class, config.runtime.seed) \
             if prepared.table["target"].nunique() == 2 else np.array([])
     metrics = _metrics(frame, thresholds, config, balanced_ids, folder if external is None else None)
+    if external is not None:
+        overlap = _overlap(frame, thresholds.get("classifier", 0.5), config)
+        if overlap is not None:
+            metrics["overlap_with_run"] = overlap
     # Stated only when it differs from the run's own setting: what its configuration holds, predict shows too.
     own = folder.read_config().evaluation.prevalence
     stated = config.evaluation.prevalence if config.evaluation.prevalence != own else None
@@ -265,7 +291,9 @@ def evaluate_run(run_dir: Path | RunFolder, config: Config, prepared: Prepared, 
     metrics.update(_trust_metrics(run, frame, embeddings, prepared.array, prevalence))
     if "calibration" in metrics:
         metrics["calibration"]["shown_prevalence_source"] = source
-    frame.drop(columns=["row"]).rename(columns={"target": "label"}).to_csv(out.predictions, index=False)
+    written = frame.drop(columns=["row"]).rename(columns={"target": "label"})
+    # Scored as the test part, but not the run's test part: external data says so (run_part: the run's own part).
+    (written if external is None else written.assign(part="external")).to_csv(out.predictions, index=False)
     out.write_metrics(_clean(metrics))
     test = frame[frame["part"] == "test"]
     record = None if external is None else _external_record(Path(external), prepared, test)
@@ -340,6 +368,8 @@ def _report(frame: pd.DataFrame, metrics: dict, balanced_ids: np.ndarray, config
             where: str = "test part") -> None:
     test, scale = frame[frame["part"] == "test"], threshold_scale(metrics)
     name = "Test" if where == "test part" else where[0].upper() + where[1:]
+    if "overlap_with_run" in metrics:  # before the numbers it qualifies
+        log(overlap_sentence(metrics["overlap_with_run"]))
     print_report(f"{name}, natural prevalence (classifier)", test, "prob_melanoma", metrics["test"], log, scale)
     if "test_balanced" in metrics:
         bal = test[test["isic_id"].isin(set(balanced_ids))]
@@ -349,17 +379,18 @@ def _report(frame: pd.DataFrame, metrics: dict, balanced_ids: np.ndarray, config
     log(f"kNN vote (k={config.evaluation.knn_k}) on {'test' if where == 'test part' else where}: ROC AUC "
         f"{k['roc_auc']:.4f}, balanced accuracy "
         f"{100 * k['balanced_accuracy']:.2f}%")
-    _report_trust(metrics, log)
+    _report_trust(metrics, log, where)
 
 
-def _report_trust(metrics: dict, log: Log) -> None:
-    """The calibration and the unfamiliar-image rule, in a line each."""
+def _report_trust(metrics: dict, log: Log, where: str = "test part") -> None:
+    """The calibration and the unfamiliar-image rule, in a line each (`where`: what the "test" rows are)."""
     cal = metrics.get("calibration")
     if cal and "test" in cal:
         log(f"Calibration ({cal['method']}, fitted on validation): probabilities shown for a prevalence of "
             f"{100 * cal['shown_at_prevalence']:.2f}% ({cal['shown_prevalence_source']}), threshold on that scale "
-            f"{cal['threshold_shown']:.4f}. On test: {calibration_measured(cal)}")
+            f"{cal['threshold_shown']:.4f}. On the {where}: {calibration_measured(cal, where=where)}")
     rule = metrics.get("unfamiliar")
     if rule:
-        shares = ", ".join(f"{100 * v:.1f}% of {part}" for part, v in rule["flagged_share"].items())
+        name = {"test": where, "val": "validation part"}
+        shares = ", ".join(f"{100 * v:.1f}% of the {name.get(part, part)}" for part, v in rule["flagged_share"].items())
         log(f"Unfamiliar-image rule (cut at the validation {100 * rule['quantile']:g}th percentile): flags {shares}")

@@ -35,11 +35,28 @@ def calibration_measured(cal: dict, part: str = "test", spelled: bool = False, w
     text += f", measured at the prevalence the calibration was fitted at, {100 * fitted:.1f}%"
     if c.get("melanoma_share") is not None:
         text += f" (the {where or part + ' part'} has {100 * c['melanoma_share']:.1f}% melanoma)"
-    if shown is not None and prevalences_differ(shown, fitted):
-        text += (f". The probabilities shown at {100 * shown:.2f}% are not what these figures measure: they are "
-                 f"rescaled for a population with {100 * shown:.2f}% melanoma, so on this data they read "
-                 f"{'lower' if shown < fitted else 'higher'} than its frequencies by design; check them on data "
-                 "from that population")
+    return text + _at_shown_prevalence(c, fitted, shown, where or f"{part} part")
+
+
+def _at_shown_prevalence(c: dict, fitted: float, shown: Optional[float], where: str) -> str:
+    """What the figures say of the probabilities shown: the same where the shown prevalence is the fitted one;
+    measured again where the data's own share is the shown prevalence; else a warning, and the command that
+    measures them at the data's share."""
+    share = c.get("melanoma_share")
+    if share is None or shown is None:
+        return ""
+    if prevalences_differ(shown, fitted) and not prevalences_differ(shown, share) and "ece_shown" in c:
+        return (f". At the prevalence shown, {100 * shown:.2f}%, which is this data's own share, the probabilities "
+                f"shown have ECE {c['ece_shown']:.3f} and Brier {c['brier_shown']:.3f}")
+    text = ""
+    if prevalences_differ(shown, fitted):
+        text = (f". The probabilities shown at {100 * shown:.2f}% are not what these figures measure: they are "
+                f"rescaled for a population with {100 * shown:.2f}% melanoma, so on this data they read "
+                f"{'lower' if shown < fitted else 'higher'} than its frequencies by design")
+    if prevalences_differ(share, fitted) and prevalences_differ(share, shown):
+        text += (f". The {where} has {100 * share:.1f}% melanoma, unlike the {100 * fitted:.1f}% the calibration "
+                 f"was fitted at: `--prevalence {share:.3g}` shows its probabilities at its own share and measures "
+                 "them there")
     return text
 
 
@@ -140,12 +157,30 @@ def _folds_section(metrics: dict) -> list[str]:
             f"AUC: {members}.", ""]
 
 
-def _external_section(external: dict) -> list[str]:
+def overlap_sentence(overlap: dict) -> str:
+    """External data holding the run's own images, said with the numbers on the rest (metrics' overlap_with_run)."""
+    n, m = overlap["images"], overlap["melanoma"]
+    text = (f"WARNING: {n['train'] + n['val']} of these images are the run's own ({n['train']} training, "
+            f"{m['train']} of them melanoma; {n['val']} validation, {m['val']} melanoma; matched by isic_id), so the "
+            "numbers on all of them overstate: a training image finds itself among the known cases, and the "
+            "threshold, calibration and unfamiliar cut were chosen on the validation images.")
+    unseen = overlap.get("unseen")
+    if unseen is None:
+        return text + f" The {overlap['unseen_images']} others lack a class to score on their own."
+    return (text + f" On the {overlap['unseen_images']} images the run neither trained nor tuned on "
+            f"({overlap['unseen_melanoma']} melanoma): ROC AUC {_ci(unseen, 'roc_auc')}, sensitivity "
+            f"{_ci(unseen, 'sensitivity')}, specificity {_ci(unseen, 'specificity')}.")
+
+
+def _external_section(external: dict, overlap: Optional[dict] = None) -> list[str]:
     """The data an external evaluation scored: what it is, and that all of it was scored, none held out."""
     lines = _data_section(external, external.get("generated", False), "## External data (scored here)")
-    return lines[:-1] + ["- Scored whole: every image is in the numbers below; the model was neither trained nor "
-                         "tuned on any of it (threshold, calibration and the unfamiliar cut come from the run's own "
-                         "validation part). The run's own card, with its held-out test part, is its MODEL_CARD.md.", ""]
+    if overlap is not None:
+        return lines[:-1] + [f"- Scored whole: every image is in the numbers below. {overlap_sentence(overlap)}", ""]
+    return lines[:-1] + ["- Scored whole: every image is in the numbers below; none of them is in the run's split "
+                         "(by isic_id), so the model was neither trained nor tuned on them (threshold, calibration "
+                         "and the unfamiliar cut come from the run's own validation part). The run's own card, with "
+                         "its held-out test part, is its MODEL_CARD.md.", ""]
 
 
 def _metrics_section(metrics: dict, where: str = "test part") -> list[str]:
@@ -204,14 +239,16 @@ def _groups_section(groups: Optional[dict], where: str = "test part") -> list[st
     return lines + [""]
 
 
-def _unfamiliar_section(metrics: dict) -> list[str]:
+def _unfamiliar_section(metrics: dict, where: str = "test part") -> list[str]:
     rule = metrics.get("unfamiliar")
     if not rule:
         return ["## Unfamiliar images", "", "This run has no unfamiliar-image rule (no validation images).", ""]
     embedding, texture = rule.get("flagged_share_embedding", {}), rule.get("flagged_share_texture", {})
-    shares = ", ".join(f"{100 * v:.1f}% of {part}" + (f" ({100 * embedding[part]:.1f}% by the embedding, "
-                                                     f"{100 * texture[part]:.1f}% by texture)"
-                                                     if part in embedding and part in texture else "")
+    # Parts as a reader knows them: an external evaluation's rows are scored as "test" but are the other data.
+    names = {"test": "test" if where == "test part" else where, "val": "val"}
+    shares = ", ".join(f"{100 * v:.1f}% of {names.get(part, part)}"
+                       + (f" ({100 * embedding[part]:.1f}% by the embedding, {100 * texture[part]:.1f}% by texture)"
+                          if part in embedding and part in texture else "")
                        for part, v in rule.get("flagged_share", {}).items())
     return ["## Unfamiliar images", "", f"An image is flagged unfamiliar when its mean cosine distance to the "
             f"{rule.get('k')} nearest training images is above the validation {100 * rule['quantile']:g}th "
@@ -242,9 +279,10 @@ def _use_and_reproduce(info: dict, root: str, external: Optional[dict] = None) -
     again = ([f"melanoma-siamese evaluate --run {root} {_source_args(external)}"] if external else
              [f"melanoma-siamese train {data} --config {root}/config.yaml --out runs/reproduced",
               "melanoma-siamese evaluate --run runs/reproduced"])
+    scored = "the test part above" if external is None else f"the external data {external['name']} above"
     return ["## Intended use and limits", "",
             "A research tool, not a medical device: not for diagnosis or for deciding care. Its numbers hold for "
-            "data like the test part above (same source, devices and population); on other data measure first "
+            f"data like {scored} (same source, devices and population); on other data measure first "
             "(`melanoma-siamese evaluate --run RUN --data OTHER`). Groups marked too few to say are untested.", "",
             "## How to reproduce", "", "```bash", *again, "```", "",
             f"Code: git commit {info.get('git_commit') or 'not recorded'}; versions "
@@ -263,8 +301,9 @@ def model_card(root: str, config: Config, info: dict, metrics: dict, groups: Opt
     if external is None:
         lines += _data_section(info, generated) + _split_section(info, config)
     else:
-        lines += _data_section(info, generated, "## Training data (the run's)") + _external_section(external)
+        lines += _data_section(info, generated, "## Training data (the run's)")
+        lines += _external_section(external, metrics.get("overlap_with_run"))
     lines += _recipe_section(config, baseline) + _metrics_section(metrics, where) + _folds_section(metrics)
     lines += _calibration_section(metrics, where) + _groups_section(groups, where)
-    lines += _unfamiliar_section(metrics) + _use_and_reproduce(info, root, external)
+    lines += _unfamiliar_section(metrics, where) + _use_and_reproduce(info, root, external)
     return "\n".join(lines)
