@@ -200,3 +200,16 @@ def test_run_with_clinical_and_patient_features_end_to_end(tiny_data, tmp_path, 
         assert lesion["patient"]["patient_rank"] == by_name[lesion["filename"]]["patient_rank"]
     assert main(["export", "--run", str(run), "--format", "onnx"]) != 0
     assert "classifier.features: [image]" in capsys.readouterr().err
+
+
+def test_a_clinical_value_predict_does_not_understand_is_announced(tmp_path, capsys):
+    from melanoma_siamese.context import read_context
+
+    listing = tmp_path / "visit.csv"
+    pd.DataFrame({"path": ["a.jpg", "b.jpg"], "patient_id": ["A", "A"], "age": ["forty", "50"],
+                  "sex": ["x", "female"], "site": ["elbow", "torso"]}).to_csv(listing, index=False)
+    context = read_context([listing])
+    err = capsys.readouterr().err
+    for column, value in (("age", "forty"), ("sex", "x"), ("site", "elbow")):
+        assert f"column '{column}'" in err and f"'{value}'" in err
+    assert context["sex"].tolist() == ["", "female"]  # used as missing, and said so

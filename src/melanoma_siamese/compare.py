@@ -19,7 +19,7 @@ COLUMNS = [
     ("balanced_accuracy", "balanced accuracy"), ("sensitivity_at_90_specificity", "sens. @ 90% spec."),
     ("partial_auc_above_80_sensitivity", "pAUC >80% sens. (ISIC 2024, max 0.2)"),
     ("balanced_test_accuracy", "acc. balanced test"), ("knn_roc_auc", "kNN ROC AUC"),
-    ("train_seconds", "train time (s)"), ("backbone_passes", "backbone passes"),
+    ("train_seconds", "stage-1 time (s)"), ("backbone_passes", "backbone passes"),
 ]
 
 

@@ -4,6 +4,7 @@ come from that patient's other images in the same call. Each row then says how m
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,7 +32,10 @@ def read_context(items: Sequence[Path]) -> Optional[pd.DataFrame]:
             continue
         column = "path" if "path" in table.columns else table.columns[0]
         paths = [str(p if p.is_absolute() else item.parent / p) for p in map(Path, table[column])]
-        clinical = clinical_columns(table, str(item)).table
+        found = clinical_columns(table, str(item))
+        for warning in found.warnings:  # a value not understood is used as missing, never without a word
+            print(f"warning: {warning}", file=sys.stderr)
+        clinical = found.table
         frames.append(pd.DataFrame({"patient_id": table[patient].to_numpy(), **{c: clinical[c].to_numpy()
                                     for c in ("age", "sex", "site")}}, index=paths))
     return pd.concat(frames) if frames else None
