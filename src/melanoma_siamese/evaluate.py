@@ -238,7 +238,8 @@ def _on_other_data(run: LoadedRun, prepared: Prepared) -> tuple[pd.DataFrame, di
     train = run.index.part("train")
     prepared.table["part"] = "test"
     frame, embeddings = _predict_parts(run, prepared, ("test",), (train.embeddings, train.labels))
-    own = dict(zip(run.folder.read_split()["isic_id"].astype(str), run.folder.read_split()["part"]))
+    split = run.folder.read_split()
+    own = dict(zip(split["isic_id"].astype(str), split["part"]))
     frame["run_part"] = frame["isic_id"].astype(str).map(own).fillna("")
     return frame, embeddings, run.thresholds.record
 

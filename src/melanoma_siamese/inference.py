@@ -28,6 +28,7 @@ from .runfolder import RunFolder, Thresholds
 LABEL_NAMES = ("not melanoma", "melanoma")
 ENGINES = ("torch", "onnxruntime")
 DEFAULT_NEIGHBOURS = 5
+KNOWN_CASE_K = 5  # nearest training images looked at for one the image cannot be told apart from
 # predict's threads that describe answers while the model scores the next chunk (half the cores, 2 to 8).
 DESCRIBE_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))
 VAL_PAIR_SAMPLE = 3000
@@ -353,11 +354,13 @@ def describe(run: LoadedRun, pixels: np.ndarray, scored: tuple[np.ndarray, np.nd
     embeddings, probs = scored
     train = run.index.part("train")
     votes = knn_probabilities(embeddings, train.embeddings, train.labels, run.config.evaluation.knn_k)
-    similar = similar_cases(run, embeddings, neighbours)
+    # One search serves the neighbours shown and the known-case check.
+    order, distances = train.nearest(embeddings, max(neighbours, KNOWN_CASE_K))
+    similar = _similar(train, order[:, :neighbours], distances[:, :neighbours])
     shown = shown_probability(run, probs, prevalence)
     appearance = appearance_features(pixels)
     familiar = unfamiliar_answers(run, embeddings, pixels, appearance)
-    known = known_cases(train, embeddings, appearance)
+    known = known_cases(train, order[:, :KNOWN_CASE_K], distances[:, :KNOWN_CASE_K], appearance)
     t = run.thresholds
     out = []
     for i, (p, vote) in enumerate(zip(probs, votes)):
@@ -371,14 +374,14 @@ def describe(run: LoadedRun, pixels: np.ndarray, scored: tuple[np.ndarray, np.nd
     return out
 
 
-def known_cases(train: RetrievalIndex, embeddings: np.ndarray, appearance: np.ndarray, k: int = 5) -> list:
-    """Per image, the training image it cannot be told apart from, or None: one of its k nearest in the embedding
-    whose distance is rounding (familiarity.ROUNDING), or whose appearance descriptor is the same (the same pixels,
-    or a flipped or turned copy, whatever test-time augmentation or a GPU's arithmetic did to the embedding). Its
-    answer and kNN vote then rest on a label the model was trained on."""
+def known_cases(train: RetrievalIndex, order: np.ndarray, distances: np.ndarray, appearance: np.ndarray) -> list:
+    """Per image, the training image it cannot be told apart from, or None: one of its nearest in the embedding
+    (`order`, `distances`: RetrievalIndex.nearest's, KNOWN_CASE_K of them) whose distance is rounding
+    (familiarity.ROUNDING), or whose appearance descriptor is the same (the same pixels, or a flipped or turned
+    copy, whatever test-time augmentation or a GPU's arithmetic did to the embedding). Its answer and kNN vote
+    then rest on a label the model was trained on."""
     from .familiarity import ROUNDING
 
-    order, distances = train.nearest(embeddings, k)
     out = []
     for i, (row, dist) in enumerate(zip(order, distances)):
         same = [j for j, d in zip(row, dist) if d < ROUNDING or (train.appearance is not None and np.allclose(
@@ -397,7 +400,11 @@ def similar_cases(run: LoadedRun, embeddings: np.ndarray, k: int) -> list[list[d
     """Per embedding, the k most similar training images: `id`, `label` (1 = melanoma), `label_name`,
     `distance` (1 - cosine similarity), closest first."""
     train = run.index.part("train")
-    order, distances = train.nearest(embeddings, k)
+    return _similar(train, *train.nearest(embeddings, k))
+
+
+def _similar(train: RetrievalIndex, order: np.ndarray, distances: np.ndarray) -> list[list[dict]]:
+    """similar_cases' rows from a search already made (RetrievalIndex.nearest's order and distances)."""
     return [[{"id": str(train.ids[j]), "label": int(train.labels[j]), "label_name": LABEL_NAMES[train.labels[j]],
               "distance": float(d)} for j, d in zip(row, dist)] for row, dist in zip(order, distances)]
 

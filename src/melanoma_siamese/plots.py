@@ -38,11 +38,10 @@ def _wrap(text: str, width_in: float, fontsize: float) -> str:
                      for line in text.split("\n"))
 
 
-def _caption(ax, text: str, width_in: float, fontsize: float = 7, below=None):
-    """Wrapped text under the axes' x label, or under the artist `below` (a legend there); inside the layout,
-    so the saved figure keeps it."""
-    where = (0, -34, "axes fraction") if below is None else (0, -4, below)
-    return ax.annotate(_wrap(text, width_in, fontsize), xy=(0, 0), xycoords=where[2], xytext=where[:2],
+def _caption(ax, text: str, width_in: float, below, fontsize: float = 7):
+    """Wrapped text under the artist `below` (a legend under the axes); inside the layout, so the saved figure
+    keeps it."""
+    return ax.annotate(_wrap(text, width_in, fontsize), xy=(0, 0), xycoords=below, xytext=(0, -4),
                        textcoords="offset points", ha="left", va="top", fontsize=fontsize, color="dimgrey")
 
 
@@ -70,10 +69,10 @@ def loss_curves(history: Sequence[dict], path: Path, title: str, extra: Sequence
         ax2.set_ylim(0, 1.02)
         more = ax2.get_legend_handles_labels()
         lines, names = lines + more[0], names + more[1]
-    best = [h["epoch"] for h in history if h.get("best")]
-    if best:
-        ax.axvline(best[-1], color="grey", lw=0.8, ls=":")
-        lines, names = lines + [ax.get_lines()[-1]], names + [f"kept epoch ({best[-1]})"]
+    drawn = len(ax.get_lines())
+    _mark_kept_epoch(ax, history, None)
+    marked = ax.get_lines()[drawn:]
+    lines, names = lines + marked, names + [line.get_label() for line in marked]
     # Below the axes: inside, it would cover curves that run through every corner.
     ax.legend(lines, names, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(lines),
               frameon=False)
@@ -211,7 +210,7 @@ def reliability_before_after(labels: np.ndarray, scores: dict[str, np.ndarray], 
     legend = ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(-0.02, -0.12), frameon=False)
     counts = (f"Marker area grows with the images in the bin; the number beside each marker is that count. "
               f"Hollow, faded, unjoined: fewer than {min_count} images, too few to read.")
-    _caption(ax, counts + ("\n" + caption if caption else ""), 4.2, below=legend)
+    _caption(ax, counts + ("\n" + caption if caption else ""), 4.2, legend)
     _save(fig, path)
 
 
