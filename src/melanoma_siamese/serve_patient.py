@@ -27,9 +27,9 @@ def _clinical_fields(age: Optional[float], sex: str, site: str):
     from .data.clinical import clinical_columns, expected_values
 
     given = clinical_columns(pd.DataFrame({"age": [age], "sex": [sex], "site": [site]}), "request")
-    # A warning names its column; words for "not recorded" (unknown, n/a) give none and stay missing.
+    # Words for "not recorded" (unknown, n/a) are understood: they stay missing.
     for field, value in (("age", age), ("sex", sex), ("site", site)):
-        if any(f"column '{field}'" in warning for warning in given.warnings):
+        if field in given.not_understood:
             raise HTTPException(422, f"form field '{field}': {value!r} is not understood; expected "
                                      f"{expected_values(field)}, or leave it out")
     return given.table

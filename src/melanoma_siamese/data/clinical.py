@@ -50,11 +50,13 @@ AGE_RANGE = (0.0, 120.0)
 
 @dataclass(frozen=True)
 class Clinical:
-    """The four columns (index as the input table), the source column of each (None: absent), warnings."""
+    """The four columns (index as the input table), the source column of each (None: absent), warnings, and
+    the columns (of the four) that held a value not understood."""
 
     table: pd.DataFrame
     sources: dict[str, Optional[str]]
     warnings: list[str]
+    not_understood: tuple[str, ...] = ()
 
 
 def clinical_columns(table: pd.DataFrame, file: str) -> Clinical:
@@ -63,6 +65,7 @@ def clinical_columns(table: pd.DataFrame, file: str) -> Clinical:
     out = pd.DataFrame(index=table.index)
     sources: dict[str, Optional[str]] = {}
     warnings: list[str] = []
+    not_understood: list[str] = []
     for column in CLINICAL_COLUMNS:
         source = next((c for c in SOURCE_COLUMNS[column] if c in table.columns), None)
         sources[column] = source
@@ -74,7 +77,8 @@ def clinical_columns(table: pd.DataFrame, file: str) -> Clinical:
         out[column] = values
         if len(unknown):
             warnings.append(_unknown_warning(file, source, column, unknown))
-    return Clinical(out, sources, warnings)
+            not_understood.append(column)
+    return Clinical(out, sources, warnings, tuple(not_understood))
 
 
 def with_clinical(frame: pd.DataFrame) -> pd.DataFrame:
