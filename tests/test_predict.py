@@ -202,6 +202,21 @@ def test_pair_distance_equals_the_index_and_is_placed_among_validation_pairs(run
     assert out.count("    not flagged unfamiliar: mean distance ") + out.count("    UNFAMILIAR: ") == 2, out
 
 
+def test_pair_prints_probability_and_threshold_at_the_decimals_that_order_them(capsys):
+    from melanoma_siamese.predict import _print_pair
+
+    unfamiliar = {"flag": False, "percentile": None, "reason": "r"}
+    report = {"trained_on_generated_images": False, "distance": 0.01, "calibrated": True, "prevalence": 0.25,
+              "prevalence_source": "s", "threshold": 0.278834, "validation": {
+                  "same_class": {"pairs": 0}, "other_class": {"pairs": 0}},
+              "images": [{"path": "a.jpg", "probability": 0.278812, "decision": "not melanoma",
+                          "unfamiliar": unfamiliar}]}
+    _print_pair(report)
+    # 0.2788 beside a threshold of 0.2788 would hide which is larger.
+    assert "P(melanoma) 0.27881 (calibrated, at 25.00% melanoma (s)) -> not melanoma (threshold 0.27883)" in \
+        capsys.readouterr().out
+
+
 def test_val_pair_distances_against_every_pair():
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(7, 4)).astype(np.float32)

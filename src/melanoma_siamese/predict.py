@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, ImageRejected
-from .display import distance_text, probability_text
+from .display import distance_text, probability_pair, probability_text
 from .familiarity import ROUNDING
 from .inputs import DEFAULT_MAX_PIXELS, max_pixels_option
 
@@ -137,8 +137,9 @@ def _print_pair(report: dict) -> None:
     scale = (f"calibrated, at {100 * report['prevalence']:.2f}% melanoma ({report['prevalence_source']})"
              if report["calibrated"] else "raw score, not calibrated")
     for r in report["images"]:
-        print(f"  {r['path']}: P(melanoma) {r['probability']:.4f} ({scale}) -> {r['decision']} "
-              f"(threshold {report['threshold']:.4f})")
+        # At the decimals it takes to see which is larger, as predict's table and the saliency caption.
+        shown, threshold = probability_pair(r["probability"], report["threshold"])
+        print(f"  {r['path']}: P(melanoma) {shown} ({scale}) -> {r['decision']} (threshold {threshold})")
         print("    " + _familiarity_line(r["unfamiliar"]))
     for name, text in (("same_class", "same-class"), ("other_class", "other-class")):
         v = report["validation"][name]
